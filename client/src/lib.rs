@@ -1,0 +1,288 @@
+//! Client library for the sequencer cluster.
+//!
+//! A [`Client`] knows several servers. Each call goes to the server that answered last; when a
+//! server is down or has no primary (UNAVAILABLE), the call moves on to the next one, cycling
+//! with a short backoff until the client's deadline. Any server will do: followers forward to
+//! the primary. Other errors (bad input, limits) come back at once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::{sleep, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use pb::cluster_client::ClusterClient;
+use pb::sequencer_client::SequencerClient;
+pub use sequencer_proto::v1 as pb;
+
+/// How long one RPC may take before the client tries elsewhere.
+const RPC_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long a call keeps moving between servers before it gives up.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// What a call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no server address given")]
+    NoServers,
+    #[error("invalid server address `{0}`: {1}")]
+    BadAddress(String, String),
+    /// A server answered with an error that retrying elsewhere would not fix.
+    #[error("{}: {}", code_name(.status.code()), .status.message())]
+    Rejected { server: String, status: Status },
+    /// Every server was tried until the deadline.
+    #[error("no server could serve the call; last error from {server}: {}: {}", code_name(.status.code()), .status.message())]
+    Unavailable { server: String, status: Status },
+}
+
+impl ClientError {
+    /// The gRPC status behind the error, if a server sent one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Rejected { status, .. } | ClientError::Unavailable { status, .. } => {
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+
+    /// The gRPC code behind the error (UNAVAILABLE when no server answered).
+    pub fn code(&self) -> Code {
+        self.status()
+            .map(|s| s.code())
+            .unwrap_or(Code::InvalidArgument)
+    }
+}
+
+/// `INVALID_ARGUMENT` style names, as grpcurl and the gRPC docs spell them.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Worth trying on another server: the server is down, has no primary, or timed out.
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+    )
+}
+
+struct Server {
+    addr: String,
+    channel: Channel,
+}
+
+/// A handle on the cluster. Cheap to share across tasks (`&Client` or `Arc<Client>`).
+pub struct Client {
+    servers: Vec<Server>,
+    current: AtomicUsize,
+    deadline: Duration,
+}
+
+impl Client {
+    /// A client for these `host:port` addresses. Nothing connects until the first call.
+    pub fn new<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Result<Self, ClientError> {
+        let mut servers = Vec::new();
+        for addr in addrs {
+            let addr = addr.as_ref().trim().to_string();
+            let uri = if addr.contains("://") {
+                addr.clone()
+            } else {
+                format!("http://{addr}")
+            };
+            let endpoint = Endpoint::from_shared(uri)
+                .map_err(|e| ClientError::BadAddress(addr.clone(), e.to_string()))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(RPC_TIMEOUT)
+                .tcp_nodelay(true);
+            servers.push(Server {
+                channel: endpoint.connect_lazy(),
+                addr,
+            });
+        }
+        if servers.is_empty() {
+            return Err(ClientError::NoServers);
+        }
+        Ok(Self {
+            servers,
+            current: AtomicUsize::new(0),
+            deadline: DEFAULT_DEADLINE,
+        })
+    }
+
+    /// How long a call may keep trying servers (default 15 s).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The server addresses, in order.
+    pub fn addrs(&self) -> Vec<&str> {
+        self.servers.iter().map(|s| s.addr.as_str()).collect()
+    }
+
+    /// One id of `sequence` ("" for the default sequence).
+    pub async fn get_id(&self, sequence: &str) -> Result<pb::GetIdResponse, ClientError> {
+        let req = pb::GetIdRequest {
+            sequence: sequence.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { SequencerClient::new(ch).get_id(req).await }
+        })
+        .await
+    }
+
+    /// A dense block of `count` ids of `sequence`.
+    pub async fn get_ids(
+        &self,
+        sequence: &str,
+        count: u32,
+    ) -> Result<pb::GetIdsResponse, ClientError> {
+        let req = pb::GetIdsRequest {
+            sequence: sequence.to_string(),
+            count,
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { SequencerClient::new(ch).get_ids(req).await }
+        })
+        .await
+    }
+
+    /// The last id of `sequence` as applied on the server that answers.
+    pub async fn current_id(&self, sequence: &str) -> Result<pb::CurrentIdResponse, ClientError> {
+        let req = pb::CurrentIdRequest {
+            sequence: sequence.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { SequencerClient::new(ch).current_id(req).await }
+        })
+        .await
+    }
+
+    /// The cluster as the answering server sees it.
+    pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
+        self.call(|ch| async move { ClusterClient::new(ch).status(pb::StatusRequest {}).await })
+            .await
+    }
+
+    /// Calls `f` on the current server, moving on to the next on retryable errors.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let deadline = Instant::now() + self.deadline;
+        let n = self.servers.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut backoff = Duration::from_millis(25);
+        let mut attempt = 0usize;
+        loop {
+            let i = (start + attempt) % n;
+            let server = &self.servers[i];
+            match f(server.channel.clone()).await {
+                Ok(resp) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(resp.into_inner());
+                }
+                Err(status) if retryable(status.code()) => {
+                    tracing::debug!(server = %server.addr, %status, "server unavailable; trying the next");
+                    attempt += 1;
+                    if Instant::now() >= deadline {
+                        return Err(ClientError::Unavailable {
+                            server: server.addr.clone(),
+                            status,
+                        });
+                    }
+                    // A full round failed: the cluster may be electing. Back off a little.
+                    if attempt % n == 0 {
+                        sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+                Err(status) => {
+                    return Err(ClientError::Rejected {
+                        server: server.addr.clone(),
+                        status,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The client addresses of a config.json, in node order: the explicit `nodes` list, or the
+/// shorthand `servers`/`host`/`base_port` (defaults 3, 127.0.0.1, 50051).
+pub fn addrs_from_config(text: &str) -> Result<Vec<String>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("config: {e}"))?;
+    if let Some(nodes) = v.get("nodes").and_then(|n| n.as_array()) {
+        let mut with_ids = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let addr = n
+                .get("addr")
+                .and_then(|a| a.as_str())
+                .ok_or_else(|| format!("config: nodes[{i}].addr is missing"))?;
+            let id = n.get("id").and_then(|i| i.as_u64()).unwrap_or(i as u64);
+            with_ids.push((id, addr.to_string()));
+        }
+        with_ids.sort();
+        return Ok(with_ids.into_iter().map(|(_, a)| a).collect());
+    }
+    let servers = v.get("servers").and_then(|s| s.as_u64()).unwrap_or(3);
+    let host = v
+        .get("host")
+        .and_then(|s| s.as_str())
+        .unwrap_or("127.0.0.1");
+    let base = v.get("base_port").and_then(|s| s.as_u64()).unwrap_or(50051);
+    Ok((0..servers)
+        .map(|k| format!("{host}:{}", base + k))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_from_shorthand_and_list() {
+        assert_eq!(
+            addrs_from_config(r#"{"servers": 2, "base_port": 7000}"#).unwrap(),
+            vec!["127.0.0.1:7000", "127.0.0.1:7001"]
+        );
+        let list = r#"{"nodes": [{"id": 2, "addr": "10.0.0.2:1", "peer_addr": "x"},
+                                 {"id": 1, "addr": "10.0.0.1:1", "peer_addr": "y"}]}"#;
+        assert_eq!(
+            addrs_from_config(list).unwrap(),
+            vec!["10.0.0.1:1", "10.0.0.2:1"]
+        );
+    }
+
+    #[test]
+    fn no_servers_is_an_error() {
+        assert!(matches!(
+            Client::new(Vec::<String>::new()),
+            Err(ClientError::NoServers)
+        ));
+    }
+}

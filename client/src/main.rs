@@ -1,0 +1,185 @@
+//! `client`: the command line over the client library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sequencer_client::{addrs_from_config, pb, Client};
+use serde_json::json;
+
+/// Talks to a sequencer cluster: any server will do, and down servers are skipped.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// A server's client address (repeatable). Default: every node in the config, in order.
+    #[arg(long = "server", global = true)]
+    servers: Vec<String>,
+    /// Config file to read server addresses from.
+    #[arg(long, global = true, default_value = "config.json")]
+    config: PathBuf,
+    /// Print JSON, one object per line, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Get an id (or, with --count, a dense block of ids).
+    GetId {
+        /// Sequence name ([A-Za-z0-9._-]{1,64}); default "default".
+        #[arg(long, default_value = "")]
+        sequence: String,
+        /// Ask for a block of this many ids (GetIds); prints first..last.
+        #[arg(long)]
+        count: Option<u32>,
+        /// Repeat the call this many times, one line each.
+        #[arg(long, default_value_t = 1)]
+        repeat: u64,
+    },
+    /// The last id of a sequence as applied on the answering server.
+    CurrentId {
+        #[arg(long, default_value = "")]
+        sequence: String,
+    },
+    /// The cluster as a server sees it.
+    Status,
+    /// Print the client addresses of the config, one per line.
+    Servers,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("client: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn servers(cli: &Cli) -> anyhow::Result<Vec<String>> {
+    if !cli.servers.is_empty() {
+        return Ok(cli.servers.clone());
+    }
+    match std::fs::read_to_string(&cli.config) {
+        Ok(text) => addrs_from_config(&text).map_err(anyhow::Error::msg),
+        // No config file: the defaults a fresh checkout's config.json also has.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            addrs_from_config("{}").map_err(anyhow::Error::msg)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", cli.config.display())),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let addrs = servers(&cli)?;
+    if let Cmd::Servers = cli.command {
+        for a in addrs {
+            println!("{a}");
+        }
+        return Ok(());
+    }
+    let client = Client::new(&addrs)?;
+    match &cli.command {
+        Cmd::GetId {
+            sequence,
+            count,
+            repeat,
+        } => {
+            for _ in 0..*repeat {
+                match count {
+                    None => {
+                        let r = client.get_id(sequence).await?;
+                        if cli.json {
+                            println!(
+                                "{}",
+                                json!({"id": r.id, "served_by": r.served_by, "primary": r.primary})
+                            );
+                        } else {
+                            println!("{}", r.id);
+                        }
+                    }
+                    Some(n) => {
+                        let r = client.get_ids(sequence, *n).await?;
+                        let last = r.first + u64::from(r.count) - 1;
+                        if cli.json {
+                            println!(
+                                "{}",
+                                json!({"first": r.first, "last": last, "count": r.count,
+                                       "served_by": r.served_by, "primary": r.primary})
+                            );
+                        } else {
+                            println!("{}..{}", r.first, last);
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::CurrentId { sequence } => {
+            let r = client.current_id(sequence).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"id": r.id, "served_by": r.served_by, "applied_index": r.applied_index})
+                );
+            } else {
+                println!("{}", r.id);
+            }
+        }
+        Cmd::Status => print_status(&client.status().await?, cli.json),
+        Cmd::Servers => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn print_status(s: &pb::StatusResponse, json_out: bool) {
+    if json_out {
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({"id": n.id, "addr": n.addr, "peer_addr": n.peer_addr,
+                            "reachable": n.reachable, "primary": n.primary})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"node_id": s.node_id, "primary": s.primary, "role": s.role, "term": s.term,
+                   "commit_index": s.commit_index, "applied_index": s.applied_index, "nodes": nodes})
+        );
+        return;
+    }
+    let primary = if s.primary == 0 {
+        "none".to_string()
+    } else {
+        s.primary.to_string()
+    };
+    println!(
+        "answered by node {} ({}), primary {primary}, term {}, commit {}, applied {}",
+        s.node_id, s.role, s.term, s.commit_index, s.applied_index
+    );
+    println!(
+        "{:<4} {:<22} {:<22} {:<10} ROLE",
+        "NODE", "CLIENT", "PEER", "REACHABLE"
+    );
+    for n in &s.nodes {
+        let role = if n.primary { "primary" } else { "" };
+        let reachable = if n.reachable { "yes" } else { "no" };
+        println!(
+            "{:<4} {:<22} {:<22} {:<10} {role}",
+            n.id, n.addr, n.peer_addr, reachable
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! Configuration: built-in defaults < config.json < `SEQUENCER_*` env < command-line flags.
+//!
+//! The file either uses the shorthand (`servers`, `host`, `base_port`, `base_peer_port`) or lists
+//! `nodes` explicitly for a multi-host deployment. [`Config::load`] returns a validated value;
+//! nothing deeper in the server reads files or the environment.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Json, Serialized};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// The config keys a file or the environment may set. Anything else is rejected.
+const KEYS: &[&str] = &[
+    "servers",
+    "host",
+    "base_port",
+    "base_peer_port",
+    "data_dir",
+    "nodes",
+    "max_batch",
+    "max_sequences",
+    "queue_capacity",
+    "request_timeout_ms",
+    "heartbeat_interval_ms",
+    "election_timeout_min_ms",
+    "election_timeout_max_ms",
+    "snapshot_logs",
+    "logs_to_keep",
+];
+
+/// A node of the cluster as the config describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Raft node id, unique, at least 1.
+    pub id: u64,
+    /// Where clients call this node.
+    pub addr: String,
+    /// Where peers call this node (Raft and forwarding).
+    pub peer_addr: String,
+}
+
+/// The raw, layered settings before validation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    servers: u64,
+    host: String,
+    base_port: u16,
+    base_peer_port: u16,
+    data_dir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nodes: Option<Vec<NodeConfig>>,
+    max_batch: u32,
+    max_sequences: u32,
+    queue_capacity: u32,
+    request_timeout_ms: u64,
+    heartbeat_interval_ms: u64,
+    election_timeout_min_ms: u64,
+    election_timeout_max_ms: u64,
+    snapshot_logs: u64,
+    logs_to_keep: u64,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            servers: 3,
+            host: "127.0.0.1".into(),
+            base_port: 50051,
+            base_peer_port: 51051,
+            data_dir: "data".into(),
+            nodes: None,
+            max_batch: 1_000_000,
+            max_sequences: 10_000,
+            queue_capacity: 65_536,
+            request_timeout_ms: 5_000,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs: 10_000,
+            logs_to_keep: 1_000,
+        }
+    }
+}
+
+/// Overrides that come from command-line flags; `None` leaves the lower layers in force.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    /// `--data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The validated configuration every part of the server reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Every node of the cluster, sorted by id.
+    pub nodes: Vec<NodeConfig>,
+    /// Root of the data; node K keeps its state under `data_dir/node-K`.
+    pub data_dir: PathBuf,
+    /// Most ids one GetIds may ask for.
+    pub max_batch: u32,
+    /// Most distinct sequences the cluster keeps.
+    pub max_sequences: u32,
+    /// Requests a node queues for the primary before it answers "overloaded".
+    pub queue_capacity: usize,
+    /// How long a request may wait for a primary and a quorum.
+    pub request_timeout: Duration,
+    /// Raft timing, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many log entries.
+    pub snapshot_logs: u64,
+    /// Log entries kept behind a snapshot, for slow followers.
+    pub logs_to_keep: u64,
+}
+
+/// A configuration problem, phrased as one line naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads `path` (if it exists, or fails if `required`), then the environment, then `overrides`.
+    pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        if path.exists() {
+            figment = figment.merge(Json::file_exact(path));
+        } else if required {
+            return Err(ConfigError(format!(
+                "file {} does not exist",
+                path.display()
+            )));
+        }
+        let figment = figment
+            .merge(Env::prefixed("SEQUENCER_").filter(|k| KEYS.contains(&k.as_str())))
+            .merge(Serialized::defaults(overrides));
+        let raw: RawConfig = figment.extract().map_err(|e| ConfigError(one_line(e)))?;
+        raw.validate()
+    }
+
+    /// Parses a config from JSON text with no other layers (tests and tooling).
+    pub fn from_json(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Json::string(text))
+            .extract()
+            .map_err(|e| ConfigError(one_line(e)))?;
+        raw.validate()
+    }
+
+    /// The node with this id.
+    pub fn node(&self, id: u64) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Where node `id` keeps its log and snapshots.
+    pub fn node_dir(&self, id: u64) -> PathBuf {
+        self.data_dir.join(format!("node-{id}"))
+    }
+}
+
+fn one_line(e: figment::Error) -> String {
+    // figment lists every error; the first is the one to fix, and its Display names the key.
+    let first = e.into_iter().next();
+    match first {
+        Some(e) => {
+            let key = e.path.join(".");
+            let mut kind = e.kind.to_string();
+            if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+                kind = format!("unknown key `{field}`");
+            }
+            let src = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.source.as_ref())
+                .map(|s| format!(" (in {s})"))
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{kind}{src}")
+            } else {
+                format!("key `{key}`: {kind}{src}")
+            }
+        }
+        None => "invalid configuration".into(),
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let err = |key: &str, msg: String| Err(ConfigError(format!("key `{key}`: {msg}")));
+        let nodes = match self.nodes {
+            Some(nodes) => nodes,
+            None => {
+                if self.servers == 0 || self.servers > 99 {
+                    return err("servers", format!("must be 1..=99, got {}", self.servers));
+                }
+                let last_port = |base: u16| u32::from(base) + self.servers as u32 - 1;
+                if self.base_port == 0 || last_port(self.base_port) > 65535 {
+                    return err(
+                        "base_port",
+                        format!(
+                            "{} leaves no room for {} servers",
+                            self.base_port, self.servers
+                        ),
+                    );
+                }
+                if self.base_peer_port == 0 || last_port(self.base_peer_port) > 65535 {
+                    return err(
+                        "base_peer_port",
+                        format!(
+                            "{} leaves no room for {} servers",
+                            self.base_peer_port, self.servers
+                        ),
+                    );
+                }
+                (1..=self.servers)
+                    .map(|k| NodeConfig {
+                        id: k,
+                        addr: format!("{}:{}", self.host, u64::from(self.base_port) + k - 1),
+                        peer_addr: format!(
+                            "{}:{}",
+                            self.host,
+                            u64::from(self.base_peer_port) + k - 1
+                        ),
+                    })
+                    .collect()
+            }
+        };
+        if nodes.is_empty() {
+            return err("nodes", "must list at least one node".into());
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if n.id == 0 {
+                return err(&format!("nodes[{i}].id"), "must be at least 1".into());
+            }
+            if !ids.insert(n.id) {
+                return err(
+                    &format!("nodes[{i}].id"),
+                    format!("duplicate node id {}", n.id),
+                );
+            }
+            for (key, addr) in [("addr", &n.addr), ("peer_addr", &n.peer_addr)] {
+                if addr.parse::<SocketAddr>().is_err() {
+                    return err(
+                        &format!("nodes[{i}].{key}"),
+                        format!("`{addr}` is not an ip:port address"),
+                    );
+                }
+                if !addrs.insert(addr.clone()) {
+                    return err(
+                        &format!("nodes[{i}].{key}"),
+                        format!("duplicate address {addr}"),
+                    );
+                }
+            }
+        }
+        let mut nodes = nodes;
+        nodes.sort_by_key(|n| n.id);
+
+        if self.max_batch == 0 {
+            return err("max_batch", "must be at least 1".into());
+        }
+        if self.max_sequences == 0 {
+            return err("max_sequences", "must be at least 1".into());
+        }
+        if self.queue_capacity == 0 {
+            return err("queue_capacity", "must be at least 1".into());
+        }
+        if self.request_timeout_ms == 0 {
+            return err("request_timeout_ms", "must be at least 1".into());
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return err("heartbeat_interval_ms", "must be at least 1".into());
+        }
+        if self.election_timeout_min_ms <= self.heartbeat_interval_ms {
+            return err(
+                "election_timeout_min_ms",
+                format!(
+                    "must be above heartbeat_interval_ms ({})",
+                    self.heartbeat_interval_ms
+                ),
+            );
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return err(
+                "election_timeout_max_ms",
+                format!(
+                    "must be above election_timeout_min_ms ({})",
+                    self.election_timeout_min_ms
+                ),
+            );
+        }
+        if self.snapshot_logs == 0 {
+            return err("snapshot_logs", "must be at least 1".into());
+        }
+        Ok(Config {
+            nodes,
+            data_dir: self.data_dir,
+            max_batch: self.max_batch,
+            max_sequences: self.max_sequences,
+            queue_capacity: self.queue_capacity as usize,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            election_timeout_min_ms: self.election_timeout_min_ms,
+            election_timeout_max_ms: self.election_timeout_max_ms,
+            snapshot_logs: self.snapshot_logs,
+            logs_to_keep: self.logs_to_keep,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorthand_expands_to_nodes() {
+        let c = Config::from_json(r#"{"servers": 2, "base_port": 7000, "base_peer_port": 8000}"#)
+            .unwrap();
+        assert_eq!(c.nodes.len(), 2);
+        assert_eq!(c.nodes[1].addr, "127.0.0.1:7001");
+        assert_eq!(c.nodes[1].peer_addr, "127.0.0.1:8001");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_json(r#"{"servers": 3, "sevrers": 2}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sevrers"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn duplicate_id_and_address_are_named() {
+        let dup_id = r#"{"nodes": [{"id":1,"addr":"127.0.0.1:1","peer_addr":"127.0.0.1:2"},
+                                   {"id":1,"addr":"127.0.0.1:3","peer_addr":"127.0.0.1:4"}]}"#;
+        let e = Config::from_json(dup_id).unwrap_err().to_string();
+        assert!(e.contains("nodes[1].id") && e.contains("duplicate"), "{e}");
+        let dup_addr = r#"{"nodes": [{"id":1,"addr":"127.0.0.1:1","peer_addr":"127.0.0.1:2"},
+                                     {"id":2,"addr":"127.0.0.1:2","peer_addr":"127.0.0.1:4"}]}"#;
+        let e = Config::from_json(dup_addr).unwrap_err().to_string();
+        assert!(
+            e.contains("nodes[1].addr") && e.contains("duplicate address"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (json, key) in [
+            (r#"{"servers": 0}"#, "servers"),
+            (r#"{"max_batch": 0}"#, "max_batch"),
+            (
+                r#"{"heartbeat_interval_ms": 500}"#,
+                "election_timeout_min_ms",
+            ),
+            (r#"{"servers": "three"}"#, "servers"),
+            (
+                r#"{"nodes": [{"id":1,"addr":"nowhere","peer_addr":"127.0.0.1:2"}]}"#,
+                "nodes[0].addr",
+            ),
+        ] {
+            let e = Config::from_json(json).unwrap_err().to_string();
+            assert!(e.contains(key), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn unparsable_json_is_one_line() {
+        let e = Config::from_json("{ servers: ").unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+    }
+}

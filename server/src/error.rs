@@ -1,0 +1,49 @@
+//! The server's one error type, and the one place it becomes a gRPC status.
+
+use tonic::{Code, Status};
+
+use crate::state::Rejected;
+
+/// Everything a request can fail with. Clone, because one failed batch answers many waiters.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong; retrying it will not help.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A cluster-wide limit is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The state machine refused the command.
+    #[error("{0}")]
+    Rejected(#[from] Rejected),
+    /// No primary, no quorum, or the primary did not answer in time: try another server.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// This node's queue toward the primary is full.
+    #[error("overloaded: {queued} requests already queued on this node (queue_capacity)")]
+    Overloaded { queued: usize },
+    /// The node is stopping.
+    #[error("unavailable: node is shutting down")]
+    ShuttingDown,
+    /// A bug or a storage failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = match &e {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::ResourceExhausted(_) | Error::Overloaded { .. } => Code::ResourceExhausted,
+            Error::Rejected(r) => match r {
+                Rejected::InvalidName(_) | Rejected::ZeroCount => Code::InvalidArgument,
+                Rejected::TooManySequences { .. } | Rejected::Exhausted { .. } => {
+                    Code::ResourceExhausted
+                }
+            },
+            Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

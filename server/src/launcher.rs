@@ -1,0 +1,196 @@
+//! The one-command cluster: re-executes this binary as `server --node K` for every node of the
+//! config, prefixes each child's output with its node id, waits until every node agrees on a
+//! primary, prints the node table, and stops every child on Ctrl-C or SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sequencer_proto::v1::cluster_client::ClusterClient;
+use sequencer_proto::v1::StatusRequest;
+use sequencer_server::config::Config;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, timeout, Instant};
+
+/// How long the cluster may take to elect its first primary.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a child may take to stop after SIGTERM.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+struct ChildNode {
+    id: u64,
+    child: Child,
+}
+
+pub async fn run(
+    path: &Path,
+    file_exists: bool,
+    config: &Config,
+    data_dir: &Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the server binary")?;
+    let mut children = Vec::new();
+    for node in &config.nodes {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("--node").arg(node.id.to_string());
+        if file_exists {
+            cmd.arg("--config").arg(path);
+        }
+        if let Some(dir) = data_dir {
+            cmd.arg("--data-dir").arg(dir);
+        }
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting node {}", node.id))?;
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(prefix_lines(node.id, out, false));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(prefix_lines(node.id, err, true));
+        }
+        children.push(ChildNode { id: node.id, child });
+    }
+
+    let result = supervise(config, &mut children).await;
+    stop_all(&mut children).await;
+    result
+}
+
+async fn supervise(config: &Config, children: &mut [ChildNode]) -> anyhow::Result<()> {
+    let primary = tokio::select! {
+        p = wait_for_primary(config) => p?,
+        exited = first_exit(children) => bail!("{exited} while the cluster was starting"),
+        _ = crate::shutdown_signal() => return Ok(()),
+    };
+    print_table(config, primary);
+    loop {
+        tokio::select! {
+            _ = crate::shutdown_signal() => return Ok(()),
+            exited = first_exit(children) => {
+                eprintln!("server: {exited}");
+                if children.iter_mut().all(|c| matches!(c.child.try_wait(), Ok(Some(_)))) {
+                    bail!("every node has exited");
+                }
+                // Keep supervising the others; wait for the next event only on live children.
+                wait_signal_or_all_exit(children).await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// After one child died: serve on until a signal, or until none is left.
+async fn wait_signal_or_all_exit(children: &mut [ChildNode]) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = crate::shutdown_signal() => return Ok(()),
+            _ = sleep(Duration::from_millis(500)) => {
+                for c in children.iter_mut() {
+                    if let Ok(Some(status)) = c.child.try_wait() {
+                        tracing::debug!(node = c.id, %status, "node is down");
+                    }
+                }
+                if children.iter_mut().all(|c| matches!(c.child.try_wait(), Ok(Some(_)))) {
+                    bail!("every node has exited");
+                }
+            }
+        }
+    }
+}
+
+/// Resolves with a description of the first child that exits.
+async fn first_exit(children: &mut [ChildNode]) -> String {
+    loop {
+        for c in children.iter_mut() {
+            if let Ok(Some(status)) = c.child.try_wait() {
+                return format!("node {} exited ({status})", c.id);
+            }
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls every node's Cluster.Status until all of them name the same primary.
+async fn wait_for_primary(config: &Config) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let mut seen = Vec::new();
+        for node in &config.nodes {
+            seen.push(primary_seen_by(&node.addr).await);
+        }
+        if let Some(Some(p)) = seen.first() {
+            if seen.iter().all(|s| *s == Some(*p)) {
+                return Ok(*p);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no primary agreed by every node within {} s",
+                START_DEADLINE.as_secs()
+            );
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn primary_seen_by(addr: &str) -> Option<u64> {
+    let call = async {
+        let mut client = ClusterClient::connect(format!("http://{addr}"))
+            .await
+            .ok()?;
+        let status = client.status(StatusRequest {}).await.ok()?.into_inner();
+        (status.primary != 0).then_some(u64::from(status.primary))
+    };
+    timeout(Duration::from_secs(1), call).await.ok().flatten()
+}
+
+fn print_table(config: &Config, primary: u64) {
+    for n in &config.nodes {
+        let role = if n.id == primary { "  primary" } else { "" };
+        println!(
+            "node {}  client {}  peer {}{role}",
+            n.id, n.addr, n.peer_addr
+        );
+    }
+    println!(
+        "cluster ready: {} nodes, primary is node {primary}; Ctrl-C stops every node",
+        config.nodes.len()
+    );
+}
+
+async fn prefix_lines(id: u64, stream: impl AsyncRead + Unpin, stderr: bool) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if stderr {
+            eprintln!("node{id} | {line}");
+        } else {
+            println!("node{id} | {line}");
+        }
+    }
+}
+
+/// SIGTERM to every child we started (by pid), then SIGKILL to any still running.
+async fn stop_all(children: &mut [ChildNode]) {
+    for c in children.iter_mut() {
+        if let (Ok(None), Some(pid)) = (c.child.try_wait(), c.child.id()) {
+            // Safety: signalling a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    for c in children.iter_mut() {
+        match timeout(STOP_DEADLINE, c.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("server: node {} did not stop in time; killing it", c.id);
+                let _ = c.child.kill().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! `server`: with `--node K`, runs node K of the config; with no `--node`, starts every node of
+//! the config as a child process and supervises them.
+
+mod launcher;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use sequencer_server::config::{Config, Overrides};
+use sequencer_server::{run, Listeners};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// A distributed id sequencer: unique, strictly increasing, never reissued.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Config file (default: ./config.json, or built-in defaults if it does not exist).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run only this node (for one node per host). Without it, every node starts here.
+    #[arg(long)]
+    node: Option<u64>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing();
+    let (path, required) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.json"), false),
+    };
+    let overrides = Overrides {
+        data_dir: args.data_dir.clone(),
+    };
+    let config = match Config::load(&path, required, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("server: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match args.node {
+            Some(id) => run_node(config, id).await,
+            None => launcher::run(&path, path.exists(), &config, &args.data_dir).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Our story at info; openraft's own chatter (vote races, retries to a down peer every 500 ms)
+/// only at error. RUST_LOG overrides it.
+const DEFAULT_LOG_FILTER: &str = "info,openraft=error,openraft::replication=off";
+
+fn init_tracing() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn run_node(config: Config, id: u64) -> anyhow::Result<()> {
+    let Some(node) = config.node(id).cloned() else {
+        let ids: Vec<String> = config.nodes.iter().map(|n| n.id.to_string()).collect();
+        anyhow::bail!(
+            "node {id} is not in the config (its nodes are {})",
+            ids.join(", ")
+        );
+    };
+    let client = bind(&node.addr, "addr", id).await?;
+    let peer = bind(&node.peer_addr, "peer_addr", id).await?;
+    run(config, id, Listeners { client, peer }, shutdown_signal())
+        .await
+        .with_context(|| format!("node {id}"))
+}
+
+async fn bind(addr: &str, key: &str, id: u64) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (the {key} of node {id})"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,163 @@
+//! One node: opens its store, joins Raft, and serves the client and peer listeners until told
+//! to stop. Listeners arrive already bound, so callers choose the ports (tests bind port 0).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use openraft::BasicNode;
+use sequencer_proto::peer::peer_server::PeerServer;
+use sequencer_proto::v1::cluster_server::ClusterServer;
+use sequencer_proto::v1::sequencer_server::SequencerServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use crate::allocator::Allocator;
+use crate::api::cluster::ClusterApi;
+use crate::api::health::watch_primary;
+use crate::api::sequencer::SequencerApi;
+use crate::config::Config;
+use crate::error::Error;
+use crate::peer::{PeerClients, PeerService};
+use crate::proposer::Proposer;
+use crate::raft::network::Network;
+use crate::raft::{open_store, raft_config, NodeId, Raft};
+
+/// The two bound listeners of a node.
+pub struct Listeners {
+    /// For clients: Sequencer, Cluster, health, reflection.
+    pub client: TcpListener,
+    /// For peers only: Raft and forwarding.
+    pub peer: TcpListener,
+}
+
+/// Runs node `id` of `config` until `shutdown` resolves, then stops gracefully.
+pub async fn run(
+    config: Config,
+    id: NodeId,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    if config.node(id).is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "node {id} is not in the config"
+        )));
+    }
+    let dir = config.node_dir(id);
+    let (log, sm) = open_store(&dir)?;
+    sm.set_node_id(id);
+    let reader = sm.reader();
+    let commit = log.commit_index();
+    let peers = PeerClients::new(&config, id)?;
+
+    let raft = Raft::new(
+        id,
+        Arc::new(raft_config(&config)?),
+        Network::new(peers.clone()),
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| Error::Internal(format!("starting raft: {e}")))?;
+    initialize(&raft, &config).await?;
+    tracing::info!(node = id, dir = %dir.display(), nodes = config.nodes.len(), "node started");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let proposer = Proposer::new(id, raft.clone(), peers.clone(), config.request_timeout);
+    let allocator = Allocator::start(
+        proposer.clone(),
+        config.queue_capacity,
+        config.max_sequences,
+        &mut tasks,
+    );
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tasks.spawn(watch_primary(id, raft.clone(), reporter));
+    // grpcurl and other tools speak either reflection version; serve both.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sequencer_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err = |e| Error::Internal(format!("reflection: {e}"));
+    let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
+
+    let client_server = Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(SequencerServer::new(SequencerApi::new(
+            id,
+            allocator,
+            reader,
+            config.max_batch,
+        )))
+        .add_service(ClusterServer::new(ClusterApi::new(
+            id,
+            raft.clone(),
+            commit,
+            peers,
+            config.nodes.clone(),
+        )))
+        .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_rx.clone()));
+    let peer_server = Server::builder()
+        .add_service(
+            PeerServer::new(PeerService::new(id, raft.clone(), proposer))
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .serve_with_incoming_shutdown(incoming(listeners.peer), stopped(stop_rx));
+    let client_task = tokio::spawn(client_server);
+    let peer_task = tokio::spawn(peer_server);
+
+    shutdown.await;
+    tracing::info!(node = id, "shutting down");
+    let _ = stop_tx.send(true);
+    for (name, task) in [("client", client_task), ("peer", peer_task)] {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(node = id, listener = name, error = %e, "server error"),
+            Err(e) => tracing::warn!(node = id, listener = name, error = %e, "server task failed"),
+        }
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(node = id, error = %e, "raft shutdown");
+    }
+    while tasks.join_next().await.is_some() {}
+    tracing::info!(node = id, "stopped");
+    Ok(())
+}
+
+/// Bootstraps a fresh cluster. Every node does it with the same members; a node that already
+/// has a log (a restart, or a peer got there first) is refused, which is fine.
+async fn initialize(raft: &Raft, config: &Config) -> Result<(), Error> {
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| Error::Internal(format!("raft: {e}")))?;
+    if initialized {
+        return Ok(());
+    }
+    let members: BTreeMap<NodeId, BasicNode> = config
+        .nodes
+        .iter()
+        .map(|n| (n.id, BasicNode::new(&n.peer_addr)))
+        .collect();
+    if let Err(e) = raft.initialize(members).await {
+        tracing::debug!(error = %e, "initialize refused; the cluster already exists");
+    }
+    Ok(())
+}
+
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,71 @@
+//! The peer service: Raft RPCs into openraft, and commands forwarded to the primary.
+
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use sequencer_proto::peer::peer_server::Peer;
+use sequencer_proto::peer::{PingRequest, PingResponse, RaftMessage};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::proposer::Proposer;
+use crate::raft::codec::{decode, encode};
+use crate::raft::{NodeId, Raft, TypeConfig};
+use crate::state::Command;
+
+/// Serves one node's peer address. Never registered on the client listener.
+pub struct PeerService {
+    id: NodeId,
+    raft: Raft,
+    proposer: Proposer,
+}
+
+impl PeerService {
+    pub fn new(id: NodeId, raft: Raft, proposer: Proposer) -> Self {
+        Self { id, raft, proposer }
+    }
+}
+
+fn parse<T: DeserializeOwned>(req: Request<RaftMessage>) -> Result<T, Status> {
+    decode(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    let data = encode(value).map_err(|e| Status::internal(format!("encoding reply: {e}")))?;
+    Ok(Response::new(RaftMessage { data }))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = parse(req)?;
+        reply(&self.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let req: VoteRequest<NodeId> = parse(req)?;
+        reply(&self.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = parse(req)?;
+        reply(&self.raft.install_snapshot(req).await)
+    }
+
+    async fn propose(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let command: Command = parse(req)?;
+        reply(&self.proposer.propose_forwarded(command).await)
+    }
+
+    async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse {
+            node_id: u32::try_from(self.id).unwrap_or(u32::MAX),
+        }))
+    }
+}

@@ -1,0 +1,182 @@
+//! Getting a command committed by the primary, from any node.
+//!
+//! On the primary a command goes straight into Raft. Anywhere else it is forwarded over the
+//! peer service to the node this node believes is primary, and retried across elections until
+//! the request deadline. The caller then waits for the entry to be applied locally before it
+//! answers its client, so every reply reflects state this node already holds.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::{timeout_at, Instant};
+
+use crate::error::Error;
+use crate::peer::{PeerClients, PeerError, PeerRpc};
+use crate::raft::{NodeId, Raft};
+use crate::state::{Command, Reply};
+
+/// Pause between attempts while the primary is unknown or moving.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// A command committed and applied on the primary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Committed {
+    /// Its log index; wait for it locally before answering.
+    pub index: u64,
+    /// The primary that committed it.
+    pub primary: NodeId,
+    /// What the state machine replied.
+    pub reply: Reply,
+}
+
+/// The answer to a forwarded command, as it travels back from the primary.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ProposeOutcome {
+    Committed(Committed),
+    /// The receiver is not the primary (any more).
+    NotPrimary {
+        primary: Option<NodeId>,
+    },
+    /// The primary could not commit it in time.
+    Failed(String),
+}
+
+/// Why one attempt failed: worth another try, or final.
+enum Attempt {
+    Retry(String),
+    Final(Error),
+}
+
+/// Routes commands to the primary. Cheap to clone.
+#[derive(Clone)]
+pub struct Proposer {
+    id: NodeId,
+    raft: Raft,
+    peers: PeerClients,
+    timeout: Duration,
+}
+
+impl Proposer {
+    pub fn new(id: NodeId, raft: Raft, peers: PeerClients, timeout: Duration) -> Self {
+        Self {
+            id,
+            raft,
+            peers,
+            timeout,
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Commits `command` through whichever node is primary, within the request timeout.
+    pub async fn propose(&self, command: Command) -> Result<Committed, Error> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let primary = self.raft.metrics().borrow().current_leader;
+            let attempt = match primary {
+                Some(p) if p == self.id => self.propose_here(command.clone(), deadline).await,
+                Some(p) => self.forward(p, &command, deadline).await,
+                None => Err(Attempt::Retry("no primary elected".into())),
+            };
+            let reason = match attempt {
+                Ok(c) => return Ok(c),
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Retry(reason)) => reason,
+            };
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "{reason} (gave up after {} ms)",
+                    self.timeout.as_millis()
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Answers a forwarded command: commit it if this node is primary.
+    pub async fn propose_forwarded(&self, command: Command) -> ProposeOutcome {
+        match self
+            .propose_here(command, Instant::now() + self.timeout)
+            .await
+        {
+            Ok(c) => ProposeOutcome::Committed(c),
+            Err(Attempt::Retry(_)) => ProposeOutcome::NotPrimary {
+                primary: self.raft.metrics().borrow().current_leader,
+            },
+            Err(Attempt::Final(e)) => ProposeOutcome::Failed(e.to_string()),
+        }
+    }
+
+    /// Waits until this node has applied `index`, so its reply matches its own state.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), Error> {
+        self.raft
+            .wait(Some(self.timeout))
+            .applied_index_at_least(Some(index), "reply after local apply")
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::ShuttingDown => Error::ShuttingDown,
+                openraft::metrics::WaitError::Timeout(..) => Error::Unavailable(format!(
+                    "node {} has not applied log index {index} within {} ms",
+                    self.id,
+                    self.timeout.as_millis()
+                )),
+            })
+    }
+
+    async fn propose_here(
+        &self,
+        command: Command,
+        deadline: Instant,
+    ) -> Result<Committed, Attempt> {
+        match timeout_at(deadline, self.raft.client_write(command)).await {
+            Ok(Ok(resp)) => Ok(Committed {
+                index: resp.log_id.index,
+                primary: self.id,
+                reply: resp.data,
+            }),
+            Ok(Err(e)) => match e.forward_to_leader() {
+                Some(f) => Err(Attempt::Retry(format!(
+                    "primary moved to {:?}",
+                    f.leader_id
+                ))),
+                None if e.fatal().is_some() => Err(Attempt::Final(Error::ShuttingDown)),
+                None => Err(Attempt::Retry(e.to_string())),
+            },
+            Err(_) => Err(Attempt::Final(Error::Unavailable(format!(
+                "no quorum: primary {} could not commit within {} ms",
+                self.id,
+                self.timeout.as_millis()
+            )))),
+        }
+    }
+
+    async fn forward(
+        &self,
+        primary: NodeId,
+        command: &Command,
+        deadline: Instant,
+    ) -> Result<Committed, Attempt> {
+        let Some(peer) = self.peers.get(primary) else {
+            return Err(Attempt::Final(Error::Internal(format!(
+                "primary {primary} is not in the config"
+            ))));
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match peer
+            .call::<_, ProposeOutcome>(PeerRpc::Propose, command, remaining)
+            .await
+        {
+            Ok(ProposeOutcome::Committed(c)) => Ok(c),
+            Ok(ProposeOutcome::NotPrimary { primary: p }) => Err(Attempt::Retry(format!(
+                "node {primary} is no longer primary (it names {p:?})"
+            ))),
+            Ok(ProposeOutcome::Failed(msg)) => Err(Attempt::Final(Error::Unavailable(msg))),
+            Err(e @ PeerError::Unreachable(..)) => Err(Attempt::Retry(e.to_string())),
+            Err(e) => Err(Attempt::Final(Error::Internal(e.to_string()))),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The Raft log and vote on redb.
+//!
+//! Every write commits a redb transaction with `Durability::Immediate` (fsync) before it is
+//! reported done: openraft counts an append as persisted, and a vote as cast, only then.
+//! redb calls block, so they run on the blocking pool.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{Entry, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::codec::{decode, encode};
+use super::{LogId, NodeId, TypeConfig};
+use crate::error::Error;
+
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const VOTE: &str = "vote";
+const LAST_PURGED: &str = "last_purged";
+
+/// The log store. Clones share the database.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+    /// Last committed index + 1 (0: none), as openraft last told us; for Cluster.Status.
+    committed: Arc<AtomicU64>,
+}
+
+type StResult<T> = Result<T, StorageError<NodeId>>;
+
+impl LogStore {
+    pub(super) fn open(db: Arc<Database>) -> Result<Self, Error> {
+        let txn = db.begin_write().map_err(internal)?;
+        txn.open_table(LOGS).map_err(internal)?;
+        txn.open_table(META).map_err(internal)?;
+        txn.commit().map_err(internal)?;
+        Ok(Self {
+            db,
+            committed: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// A handle that reads the commit index this store last saw.
+    pub fn commit_index(&self) -> CommitIndex {
+        CommitIndex(self.committed.clone())
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> StResult<Option<T>> {
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(META).map_err(read_err)?;
+        match table.get(key).map_err(read_err)? {
+            Some(v) => Ok(Some(decode(v.value()).map_err(read_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs a write transaction on the blocking pool and commits it durably.
+    async fn write<F>(&self, f: F) -> Result<(), redb::Error>
+    where
+        F: FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write()?;
+            f(&txn)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?
+    }
+}
+
+/// The commit index as last reported by openraft (not persisted; for status only).
+#[derive(Clone)]
+pub struct CommitIndex(Arc<AtomicU64>);
+
+impl CommitIndex {
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n - 1),
+        }
+    }
+}
+
+fn internal(e: impl Into<redb::Error>) -> Error {
+    Error::Internal(format!("log store: {}", e.into()))
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(&n) => Bound::Included(n),
+            Bound::Excluded(&n) => Bound::Excluded(n),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&n) => Bound::Included(n),
+            Bound::Excluded(&n) => Bound::Excluded(n),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(LOGS).map_err(read_err)?;
+        let mut entries = Vec::new();
+        for item in table.range::<u64>((start, end)).map_err(read_err)? {
+            let (_, v) = item.map_err(read_err)?;
+            entries.push(decode(v.value()).map_err(read_err)?);
+        }
+        Ok(entries)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId> = self.read_meta(LAST_PURGED)?;
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(LOGS).map_err(read_err)?;
+        let last = match table.last().map_err(read_err)? {
+            Some((_, v)) => Some(
+                decode::<Entry<TypeConfig>>(v.value())
+                    .map_err(read_err)?
+                    .log_id,
+            ),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StResult<()> {
+        let bytes = encode(vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.write(move |txn| {
+            txn.open_table(META)?.insert(VOTE, bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> StResult<Option<Vote<NodeId>>> {
+        self.read_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> StResult<()> {
+        let v = committed.map(|c| c.index + 1).unwrap_or(0);
+        self.committed.store(v, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for entry in entries {
+            rows.push((entry.log_id.index, encode(&entry).map_err(write_err)?));
+        }
+        let res = self
+            .write(move |txn| {
+                let mut table = txn.open_table(LOGS)?;
+                for (index, bytes) in &rows {
+                    table.insert(*index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+            .await;
+        // Only now, with the transaction fsynced, is the append durable.
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> StResult<()> {
+        tracing::debug!(from = log_id.index, "truncating log");
+        self.write(move |txn| {
+            let mut table = txn.open_table(LOGS)?;
+            table.retain_in::<u64, _>(log_id.index.., |_, _| false)?;
+            Ok(())
+        })
+        .await
+        .map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> StResult<()> {
+        tracing::debug!(upto = log_id.index, "purging log");
+        let bytes = encode(&log_id).map_err(write_err)?;
+        self.write(move |txn| {
+            txn.open_table(META)?
+                .insert(LAST_PURGED, bytes.as_slice())?;
+            let mut table = txn.open_table(LOGS)?;
+            table.retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
+            Ok(())
+        })
+        .await
+        .map_err(write_err)
+    }
+}

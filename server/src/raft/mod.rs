@@ -1,0 +1,77 @@
+//! Replication, kept in its place: openraft's type config, the redb log store, the state
+//! machine adapter with its snapshots, and the network that carries Raft over the peer service.
+//!
+//! Nothing here knows protobuf types; the peer module wraps our serde types in bytes.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::SnapshotPolicy;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::state::{Command, Reply};
+
+openraft::declare_raft_types!(
+    /// Our Raft: commands and replies from `state`, u64 node ids, openraft's `BasicNode`
+    /// (holding the peer address) and in-memory snapshot cursors.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+);
+
+/// Node ids are the `id`s of config.json.
+pub type NodeId = u64;
+/// The Raft handle every part of the node shares.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A Raft log id (term, leader, index).
+pub type LogId = openraft::LogId<NodeId>;
+
+/// Opens (or creates) the node's redb file and returns its log store and state machine.
+pub fn open_store(dir: &Path) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Internal(format!("creating data dir {}: {e}", dir.display())))?;
+    let path = dir.join("raft.redb");
+    let db = redb::Database::create(&path)
+        .map_err(|e| Error::Internal(format!("opening {}: {e}", path.display())))?;
+    let db = Arc::new(db);
+    let log = log_store::LogStore::open(db.clone())?;
+    let sm = state_machine::StateMachine::open(db)?;
+    Ok((log, sm))
+}
+
+/// openraft's settings, from ours.
+pub fn raft_config(config: &Config) -> Result<openraft::Config, Error> {
+    let c = openraft::Config {
+        cluster_name: "sequencer".into(),
+        heartbeat_interval: config.heartbeat_interval_ms,
+        election_timeout_min: config.election_timeout_min_ms,
+        election_timeout_max: config.election_timeout_max_ms,
+        // The 200 ms default resends large snapshots forever on a slow disk.
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+        max_in_snapshot_log_to_keep: config.logs_to_keep,
+        ..Default::default()
+    };
+    c.validate()
+        .map_err(|e| Error::Internal(format!("raft config: {e}")))
+}
+
+/// serde encoding shared by the log, the snapshots and the peer wire.
+pub(crate) mod codec {
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(value)
+    }
+
+    pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}

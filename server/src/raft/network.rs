@@ -1,0 +1,101 @@
+//! openraft's network: Raft RPCs sent through the peer clients.
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{NodeId, TypeConfig};
+use crate::peer::{PeerClient, PeerClients, PeerError, PeerRpc};
+
+/// Hands openraft a connection per target, all sharing the peer channels.
+pub struct Network {
+    peers: PeerClients,
+}
+
+impl Network {
+    pub fn new(peers: PeerClients) -> Self {
+        Self { peers }
+    }
+}
+
+/// A connection to one peer.
+pub struct Connection {
+    target: NodeId,
+    client: Option<PeerClient>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
+        Connection {
+            target,
+            client: self.peers.get(target).cloned(),
+        }
+    }
+}
+
+impl Connection {
+    async fn send<Req, Resp, E>(
+        &self,
+        rpc: PeerRpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let Some(client) = &self.client else {
+            let e = std::io::Error::other(format!("node {} is not in the config", self.target));
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        };
+        // The peer returns openraft's own Result, so remote Raft errors survive the trip.
+        let res: Result<Resp, RaftError<NodeId, E>> = client
+            .call(rpc, req, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        req: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(PeerRpc::AppendEntries, &req, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        req: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.send(PeerRpc::InstallSnapshot, &req, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        req: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.send(PeerRpc::Vote, &req, &option).await
+    }
+}

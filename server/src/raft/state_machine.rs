@@ -1,0 +1,287 @@
+//! openraft's view of our state machine: applies committed entries to [`State`], builds and
+//! installs snapshots, and keeps the latest snapshot durable in redb.
+//!
+//! The applied state itself lives in memory. After a restart it is rebuilt from the persisted
+//! snapshot, and openraft replays the log entries that follow it.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::codec::{decode, encode};
+use super::{LogId, NodeId, TypeConfig};
+use crate::error::Error;
+use crate::state::{Command, Reply, State};
+
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+const CURRENT: &str = "current";
+
+type StResult<T> = Result<T, StorageError<NodeId>>;
+type Membership = StoredMembership<NodeId, BasicNode>;
+type Meta = SnapshotMeta<NodeId, BasicNode>;
+
+/// The state as of a log position.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub membership: Membership,
+    pub state: State,
+}
+
+/// A snapshot as stored on disk: openraft's metadata and our encoded [`State`].
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: Meta,
+    data: Vec<u8>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    applied: RwLock<Applied>,
+    snapshots_built: AtomicU64,
+    node_id: AtomicU64,
+}
+
+/// The state machine store. Clones share the state.
+#[derive(Clone)]
+pub struct StateMachine {
+    inner: Arc<Inner>,
+}
+
+/// A read-only handle on the applied state, for local reads such as CurrentId.
+#[derive(Clone)]
+pub struct StateReader {
+    inner: Arc<Inner>,
+}
+
+impl StateReader {
+    /// Runs `f` on the applied state. Holds a lock only for the call: keep `f` short.
+    pub fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
+        f(&self.inner.applied.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl StateMachine {
+    pub(super) fn open(db: Arc<Database>) -> Result<Self, Error> {
+        let internal = |e: String| Error::Internal(format!("state machine: {e}"));
+        let txn = db.begin_write().map_err(|e| internal(e.to_string()))?;
+        txn.open_table(SNAPSHOT)
+            .map_err(|e| internal(e.to_string()))?;
+        txn.commit().map_err(|e| internal(e.to_string()))?;
+        let sm = Self {
+            inner: Arc::new(Inner {
+                db,
+                applied: RwLock::default(),
+                snapshots_built: AtomicU64::new(0),
+                node_id: AtomicU64::new(0),
+            }),
+        };
+        if let Some(stored) = sm.load_snapshot().map_err(|e| internal(e.to_string()))? {
+            let state: State = decode(&stored.data)
+                .map_err(|e| internal(format!("snapshot does not decode: {e}")))?;
+            *sm.write_applied() = Applied {
+                last_applied: stored.meta.last_log_id,
+                membership: stored.meta.last_membership,
+                state,
+            };
+        }
+        Ok(sm)
+    }
+
+    /// Tags this node's log lines with its id.
+    pub fn set_node_id(&self, id: NodeId) {
+        self.inner.node_id.store(id, Ordering::Relaxed);
+    }
+
+    /// A read handle for the API layer.
+    pub fn reader(&self) -> StateReader {
+        StateReader {
+            inner: self.inner.clone(),
+        }
+    }
+
+    fn write_applied(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.inner
+            .applied
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, redb::Error> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOT)?;
+        let Some(v) = table.get(CURRENT)? else {
+            return Ok(None);
+        };
+        let stored = decode(v.value()).map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+        Ok(Some(stored))
+    }
+
+    /// Writes the snapshot durably, replacing the previous one.
+    async fn save_snapshot(&self, stored: StoredSnapshot) -> StResult<()> {
+        let sig = Some(stored.meta.signature());
+        let bytes = encode(&stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        let db = self.inner.db.clone();
+        let res: Result<(), redb::Error> = tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write()?;
+            txn.open_table(SNAPSHOT)?
+                .insert(CURRENT, bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| redb::Error::Io(std::io::Error::other(e)))
+        .and_then(|r| r);
+        res.map_err(|e| StorageIOError::write_snapshot(sig, &e).into())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
+        // Copy under the lock, encode and write outside it, so applying is not held up.
+        let applied = self
+            .inner
+            .applied
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let data = encode(&applied.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let n = self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
+        let snapshot_id = match applied.last_applied {
+            Some(l) => format!("{}-{}-{n}", l.leader_id.term, l.index),
+            None => format!("none-{n}"),
+        };
+        let meta = Meta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership,
+            snapshot_id,
+        };
+        self.save_snapshot(StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })
+        .await?;
+        tracing::info!(
+            node = self.inner.node_id.load(Ordering::Relaxed),
+            index = meta.last_log_id.map(|l| l.index),
+            bytes = data.len(),
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> StResult<(Option<LogId>, Membership)> {
+        let a = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StResult<Vec<Reply>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let node = self.inner.node_id.load(Ordering::Relaxed);
+        let mut replies = Vec::new();
+        let mut applied = self.write_applied();
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            let reply = match entry.payload {
+                EntryPayload::Blank => Reply::None,
+                EntryPayload::Membership(m) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Reply::None
+                }
+                EntryPayload::Normal(cmd) => {
+                    let reply = applied.state.apply(&cmd);
+                    log_applied(node, entry.log_id.index, &cmd, &reply);
+                    reply
+                }
+            };
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StResult<()> {
+        let data = snapshot.into_inner();
+        let state: State =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        self.save_snapshot(StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .await?;
+        *self.write_applied() = Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state,
+        };
+        tracing::info!(
+            node = self.inner.node_id.load(Ordering::Relaxed),
+            index = meta.last_log_id.map(|l| l.index),
+            "installed snapshot from primary"
+        );
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
+        let stored = self
+            .load_snapshot()
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+/// One info line per applied batch: batching keeps this far below one line per request.
+fn log_applied(node: NodeId, index: u64, cmd: &Command, reply: &Reply) {
+    let (Command::Allocate { requests, .. }, Reply::Allocated(results)) = (cmd, reply) else {
+        return;
+    };
+    for (req, res) in requests.iter().zip(results) {
+        match res {
+            Ok(first) => tracing::info!(
+                node,
+                index,
+                sequence = %req.sequence,
+                first = *first,
+                last = *first + req.count - 1,
+                "applied ids {}..{}",
+                first,
+                *first + req.count - 1
+            ),
+            Err(e) => {
+                tracing::info!(node, index, sequence = %req.sequence, error = %e, "refused allocation")
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Named id sequences: each starts at 1 and never skips a number.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::Rejected;
+
+/// The sequence an empty name means.
+pub const DEFAULT_SEQUENCE: &str = "default";
+
+/// One request for `count` consecutive ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocRequest {
+    pub sequence: String,
+    pub count: u64,
+}
+
+/// `[A-Za-z0-9._-]{1,64}`.
+pub fn valid_sequence_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The last id handed out per sequence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sequences {
+    last: BTreeMap<String, u64>,
+}
+
+impl Sequences {
+    /// Hands out `count` ids and returns the first. Changes nothing when it refuses.
+    pub fn allocate(&mut self, req: &AllocRequest, max_sequences: u32) -> Result<u64, Rejected> {
+        if !valid_sequence_name(&req.sequence) {
+            return Err(Rejected::InvalidName(req.sequence.clone()));
+        }
+        if req.count == 0 {
+            return Err(Rejected::ZeroCount);
+        }
+        let last = match self.last.get(&req.sequence) {
+            Some(last) => *last,
+            None if self.last.len() >= max_sequences as usize => {
+                return Err(Rejected::TooManySequences { max: max_sequences })
+            }
+            None => 0,
+        };
+        let new_last = last
+            .checked_add(req.count)
+            .ok_or_else(|| Rejected::Exhausted {
+                sequence: req.sequence.clone(),
+            })?;
+        self.last.insert(req.sequence.clone(), new_last);
+        Ok(last + 1)
+    }
+
+    /// The last id handed out, 0 if none.
+    pub fn current(&self, sequence: &str) -> u64 {
+        self.last.get(sequence).copied().unwrap_or(0)
+    }
+
+    /// How many sequences exist.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// Whether no sequence exists yet.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(sequence: &str, count: u64) -> AllocRequest {
+        AllocRequest {
+            sequence: sequence.into(),
+            count,
+        }
+    }
+
+    #[test]
+    fn ids_are_dense_and_per_sequence() {
+        let mut s = Sequences::default();
+        assert_eq!(s.allocate(&req("a", 1), 10), Ok(1));
+        assert_eq!(s.allocate(&req("a", 5), 10), Ok(2));
+        assert_eq!(s.allocate(&req("a", 1), 10), Ok(7));
+        assert_eq!(s.allocate(&req("b", 1), 10), Ok(1));
+        assert_eq!(s.current("a"), 7);
+        assert_eq!(s.current("zzz"), 0);
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let mut s = Sequences::default();
+        s.allocate(&req("a", 1), 1).unwrap();
+        let before = s.clone();
+        assert_eq!(
+            s.allocate(&req("b", 1), 1),
+            Err(Rejected::TooManySequences { max: 1 })
+        );
+        assert_eq!(s.allocate(&req("a", 0), 1), Err(Rejected::ZeroCount));
+        assert!(matches!(
+            s.allocate(&req("bad name", 1), 1),
+            Err(Rejected::InvalidName(_))
+        ));
+        assert!(matches!(
+            s.allocate(&req("a", u64::MAX), 1),
+            Err(Rejected::Exhausted { .. })
+        ));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_sequence_name("orders.v2_x-1"));
+        assert!(valid_sequence_name(&"a".repeat(64)));
+        assert!(!valid_sequence_name(&"a".repeat(65)));
+        assert!(!valid_sequence_name(""));
+        assert!(!valid_sequence_name("a b"));
+        assert!(!valid_sequence_name("é"));
+    }
+}
