@@ -216,7 +216,7 @@ impl Client {
                         });
                     }
                     // A full round failed: the cluster may be electing. Back off a little.
-                    if attempt % n == 0 {
+                    if attempt.is_multiple_of(n) {
                         sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(500));
                     }

@@ -2,6 +2,7 @@
 //! config, prefixes each child's output with its node id, waits until every node agrees on a
 //! primary, prints the node table, and stops every child on Ctrl-C or SIGTERM.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -62,40 +63,20 @@ pub async fn run(
 }
 
 async fn supervise(config: &Config, children: &mut [ChildNode]) -> anyhow::Result<()> {
+    let mut down = HashSet::new();
     let primary = tokio::select! {
         p = wait_for_primary(config) => p?,
-        exited = first_exit(children) => bail!("{exited} while the cluster was starting"),
+        exited = next_exit(children, &mut down) => bail!("{exited} while the cluster was starting"),
         _ = crate::shutdown_signal() => return Ok(()),
     };
     print_table(config, primary);
+    // A node that dies later is reported; the others serve on while they are a majority.
     loop {
         tokio::select! {
             _ = crate::shutdown_signal() => return Ok(()),
-            exited = first_exit(children) => {
+            exited = next_exit(children, &mut down) => {
                 eprintln!("server: {exited}");
-                if children.iter_mut().all(|c| matches!(c.child.try_wait(), Ok(Some(_)))) {
-                    bail!("every node has exited");
-                }
-                // Keep supervising the others; wait for the next event only on live children.
-                wait_signal_or_all_exit(children).await?;
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// After one child died: serve on until a signal, or until none is left.
-async fn wait_signal_or_all_exit(children: &mut [ChildNode]) -> anyhow::Result<()> {
-    loop {
-        tokio::select! {
-            _ = crate::shutdown_signal() => return Ok(()),
-            _ = sleep(Duration::from_millis(500)) => {
-                for c in children.iter_mut() {
-                    if let Ok(Some(status)) = c.child.try_wait() {
-                        tracing::debug!(node = c.id, %status, "node is down");
-                    }
-                }
-                if children.iter_mut().all(|c| matches!(c.child.try_wait(), Ok(Some(_)))) {
+                if down.len() == children.len() {
                     bail!("every node has exited");
                 }
             }
@@ -103,11 +84,12 @@ async fn wait_signal_or_all_exit(children: &mut [ChildNode]) -> anyhow::Result<(
     }
 }
 
-/// Resolves with a description of the first child that exits.
-async fn first_exit(children: &mut [ChildNode]) -> String {
+/// Resolves with a description of the next child to exit that is not yet in `down`.
+async fn next_exit(children: &mut [ChildNode], down: &mut HashSet<u64>) -> String {
     loop {
-        for c in children.iter_mut() {
+        for c in children.iter_mut().filter(|c| !down.contains(&c.id)) {
             if let Ok(Some(status)) = c.child.try_wait() {
+                down.insert(c.id);
                 return format!("node {} exited ({status})", c.id);
             }
         }

@@ -1,1 +1,364 @@
+//! Real sequencer clusters for integration tests: one process of the real `server` binary per
+//! node, on free loopback ports, each with its own data dir in a temp folder.
+//!
+//! Nothing sleeps in the hope that a node is up: [`Cluster::wait_for_primary`] polls
+//! Cluster.Status with a deadline. Processes are killed only by the pids this harness started,
+//! and every one of them is killed when the [`Cluster`] is dropped.
 
+pub mod history;
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sequencer_client::Client;
+use serde_json::{json, Map, Value};
+use tempfile::TempDir;
+use tokio::time::{sleep, Instant};
+
+/// How long a fresh or recovering cluster may take to agree on a primary.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `n` distinct free TCP ports on 127.0.0.1, all held open together while they are picked.
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .context("binding a free port")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// Where the `server` binary of this build is, given any binary of the same target dir.
+pub fn sibling_binary(known: &str, name: &str) -> PathBuf {
+    Path::new(known).with_file_name(name)
+}
+
+/// One node of a test cluster.
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub peer_addr: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    /// The pid of the running process, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Settings for a test cluster before it starts.
+pub struct Builder {
+    server_bin: PathBuf,
+    nodes: usize,
+    settings: Map<String, Value>,
+}
+
+impl Builder {
+    /// Number of nodes (default 3).
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// Sets a config.json key, e.g. `set("max_sequences", 2)`.
+    pub fn set(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.settings.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Writes config.json and starts every node. Does not wait for a primary.
+    pub fn start(self) -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("seqtest").tempdir()?;
+        let ports = free_ports(self.nodes * 2)?;
+        let nodes: Vec<Node> = (0..self.nodes)
+            .map(|i| Node {
+                id: i as u64 + 1,
+                addr: format!("127.0.0.1:{}", ports[2 * i]),
+                peer_addr: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                child: None,
+                log: dir.path().join(format!("node-{}.log", i + 1)),
+            })
+            .collect();
+        let mut config = self.settings;
+        config.insert(
+            "nodes".into(),
+            nodes
+                .iter()
+                .map(|n| json!({"id": n.id, "addr": n.addr, "peer_addr": n.peer_addr}))
+                .collect(),
+        );
+        config.insert("data_dir".into(), json!(dir.path().join("data")));
+        let config_path = dir.path().join("config.json");
+        std::fs::write(
+            &config_path,
+            serde_json::to_vec_pretty(&Value::Object(config))?,
+        )?;
+        if !self.server_bin.exists() {
+            bail!(
+                "{} does not exist: build it first (cargo build --bin server)",
+                self.server_bin.display()
+            );
+        }
+        let mut cluster = Cluster {
+            server_bin: self.server_bin,
+            config_path,
+            nodes,
+            dir,
+        };
+        for id in cluster.ids() {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+}
+
+/// A running test cluster. Dropping it kills every node it started.
+pub struct Cluster {
+    server_bin: PathBuf,
+    config_path: PathBuf,
+    nodes: Vec<Node>,
+    // Last, so the processes die before their data dir is removed.
+    dir: TempDir,
+}
+
+impl Cluster {
+    /// A cluster of the given `server` binary (`env!("CARGO_BIN_EXE_server")`).
+    pub fn builder(server_bin: impl Into<PathBuf>) -> Builder {
+        Builder {
+            server_bin: server_bin.into(),
+            nodes: 3,
+            settings: Map::new(),
+        }
+    }
+
+    /// Every node id.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Ids of the nodes whose process is running.
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Node `id`.
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("no such node")
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("no such node")
+    }
+
+    /// The config file the nodes run with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The temp folder holding config, logs and data.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Client addresses of every node, in id order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// A client that knows every node.
+    pub fn client(&self) -> Client {
+        Client::new(self.addrs()).expect("valid addresses")
+    }
+
+    /// A client bound to node `id` only (no failover).
+    pub fn client_for(&self, id: u64) -> Client {
+        Client::new([self.node(id).addr.clone()]).expect("valid address")
+    }
+
+    /// Starts node `id` (`server --node id --config ...`), logging to its file.
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let bin = self.server_bin.clone();
+        let config = self.config_path.clone();
+        let node = self.node_mut(id);
+        if node.child.is_some() {
+            bail!("node {id} is already running");
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let child = Command::new(bin)
+            .arg("--node")
+            .arg(id.to_string())
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {id}"))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` node `id` by its pid, and reap it.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `kill -9` every node.
+    pub fn kill_all(&mut self) {
+        for id in self.ids() {
+            self.kill(id);
+        }
+    }
+
+    /// Sends a signal to node `id` (e.g. `libc::SIGTERM`) and waits for it to exit.
+    pub fn signal_and_wait(
+        &mut self,
+        id: u64,
+        signal: i32,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.node_mut(id).child.take() else {
+            bail!("node {id} is not running");
+        };
+        // Safety: signalling a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, signal);
+        }
+        Ok(child.wait()?)
+    }
+
+    /// The log file of node `id`.
+    pub fn log(&self, id: u64) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.node(id).log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The last lines of every node's log, for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let log = self.log(n.id);
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(30);
+            out.push_str(&format!("---- node {} log (last 30 lines)\n", n.id));
+            for l in &lines[from..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Waits until every running node names the same running primary; returns its id.
+    pub async fn wait_for_primary(&mut self) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            if let Some(p) = self.agreed_primary().await {
+                return Ok(p);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no agreed primary within {:?}\n{}",
+                    READY_TIMEOUT,
+                    self.log_tails()
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until CurrentId of `sequence` is `expected` on every running node.
+    pub async fn wait_current_id(&mut self, sequence: &str, expected: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let mut seen = Vec::new();
+            for id in self.running() {
+                let c = self.client_for(id).with_deadline(Duration::from_secs(1));
+                seen.push((id, c.current_id(sequence).await.map(|r| r.id).ok()));
+            }
+            if seen.iter().all(|(_, v)| *v == Some(expected)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "CurrentId({sequence}) never reached {expected} everywhere: {seen:?}\n{}",
+                    self.log_tails()
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn agreed_primary(&self) -> Option<u64> {
+        let running = self.running();
+        let mut agreed = None;
+        for &id in &running {
+            let c = self
+                .client_for(id)
+                .with_deadline(Duration::from_millis(500));
+            let p = u64::from(c.status().await.ok()?.primary);
+            if p == 0 || !running.contains(&p) || agreed.is_some_and(|a| a != p) {
+                return None;
+            }
+            agreed = Some(p);
+        }
+        agreed
+    }
+
+    /// Fails if a node we believe is running has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for n in &mut self.nodes {
+            if let Some(child) = &mut n.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let id = n.id;
+                    n.child = None;
+                    bail!(
+                        "node {id} exited unexpectedly ({status})\n{}",
+                        self.log_tails()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}

@@ -3,9 +3,14 @@
 //!
 //! Nothing here knows protobuf types; the peer module wraps our serde types in bytes.
 
+// openraft's StorageError is large, and its traits make us return it.
+#![allow(clippy::result_large_err)]
+
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
+#[cfg(test)]
+mod suite_test;
 
 use std::io::Cursor;
 use std::path::Path;

@@ -1,0 +1,29 @@
+//! Runs openraft's own storage test suite against our redb-backed log store and state
+//! machine, so a change to either that breaks openraft's storage contract fails here first.
+
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::StorageError;
+use tempfile::TempDir;
+
+use super::log_store::LogStore;
+use super::state_machine::StateMachine;
+use super::{open_store, NodeId, TypeConfig};
+
+/// Builds a fresh store in its own temp dir for each suite case; the dir is the guard.
+struct RedbStoreBuilder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RedbStoreBuilder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+        let dir = TempDir::new().expect("creating temp dir");
+        let (log, sm) = open_store(dir.path()).expect("opening redb store");
+        Ok((dir, log, sm))
+    }
+}
+
+// A plain #[test]: the suite starts a fresh tokio runtime per case and would panic inside one.
+#[test]
+fn redb_store_passes_openraft_suite() {
+    if let Err(e) = Suite::test_all(RedbStoreBuilder) {
+        panic!("openraft storage suite failed: {e}");
+    }
+}

@@ -1,0 +1,241 @@
+//! Crashes and restarts of real node processes: a new primary takes over, a restarted node
+//! catches up (from a snapshot when its log was purged), and no id is ever handed out twice.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sequencer_client::Client;
+use testkit::history::{linearizability_violations, overlaps, Op};
+use testkit::Cluster;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_server");
+
+/// Clients that each start at a different node and move on when it is down.
+fn rotating_clients(cluster: &Cluster, n: usize) -> Vec<Arc<Client>> {
+    let addrs = cluster.addrs();
+    (0..n)
+        .map(|i| {
+            let mut rotated = addrs.clone();
+            rotated.rotate_left(i % addrs.len());
+            Arc::new(Client::new(rotated).unwrap())
+        })
+        .collect()
+}
+
+/// Runs GetId in a loop on every client until `stop`; returns the successful operations.
+fn spawn_load(
+    clients: Vec<Arc<Client>>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<Op>>> {
+    clients
+        .into_iter()
+        .map(|c| {
+            let (stop, done) = (stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut ops = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let invoke = Instant::now();
+                    if let Ok(r) = c.get_id("").await {
+                        ops.push(Op {
+                            invoke,
+                            complete: Instant::now(),
+                            first: r.id,
+                            count: 1,
+                        });
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                ops
+            })
+        })
+        .collect()
+}
+
+async fn wait_for_count(done: &AtomicUsize, at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.load(Ordering::Relaxed) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "workload stalled at {} ops",
+            done.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_primary_elects_a_new_one_and_no_id_repeats() {
+    let mut cluster = Cluster::builder(SERVER).start().unwrap();
+    let old = cluster.wait_for_primary().await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let tasks = spawn_load(rotating_clients(&cluster, 6), stop.clone(), done.clone());
+
+    wait_for_count(&done, 200).await;
+    cluster.kill(old);
+    let killed_at = Instant::now();
+    let new = cluster.wait_for_primary().await.unwrap();
+    assert_ne!(new, old);
+    let before = done.load(Ordering::Relaxed);
+    wait_for_count(&done, before + 200).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut ops = Vec::new();
+    for t in tasks {
+        ops.extend(t.await.unwrap());
+    }
+    assert!(
+        ops.iter().any(|o| o.invoke > killed_at),
+        "no id was served after the crash"
+    );
+    assert_eq!(
+        overlaps(&ops),
+        vec![],
+        "an id was handed out twice across the failover"
+    );
+    assert!(
+        linearizability_violations(&ops).is_empty(),
+        "real-time order violated across the failover"
+    );
+
+    // The old primary comes back as a follower and catches up with everything.
+    cluster.start_node(old).unwrap();
+    assert_eq!(cluster.wait_for_primary().await.unwrap(), new);
+    let current = cluster.client_for(new).current_id("").await.unwrap().id;
+    assert!(current >= ops.iter().map(|o| o.first).max().unwrap());
+    cluster.wait_current_id("default", current).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_killed_and_restarted_never_reissues_an_id() {
+    let mut cluster = Cluster::builder(SERVER).start().unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    let mut highest = 0;
+    for id in cluster.ids() {
+        let c = cluster.client_for(id);
+        for _ in 0..10 {
+            highest = highest.max(c.get_id("").await.unwrap().id);
+        }
+        let block = c.get_ids("", 1000).await.unwrap();
+        highest = highest.max(block.first + u64::from(block.count) - 1);
+    }
+
+    // Power loss: only what was fsynced survives.
+    cluster.kill_all();
+    for id in cluster.ids() {
+        cluster.start_node(id).unwrap();
+    }
+    cluster.wait_for_primary().await.unwrap();
+    for id in cluster.ids() {
+        let next = cluster.client_for(id).get_id("").await.unwrap().id;
+        assert!(
+            next > highest,
+            "id {next} after restart is not above {highest}"
+        );
+        highest = next;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_node_catches_up_from_a_snapshot_after_the_log_is_purged() {
+    let mut cluster = Cluster::builder(SERVER)
+        .set("snapshot_logs", 20)
+        .set("logs_to_keep", 5)
+        .start()
+        .unwrap();
+    let primary = cluster.wait_for_primary().await.unwrap();
+    let lagging = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    cluster.kill(lagging);
+
+    // Sequential calls: one log entry each, so the log passes several snapshot points.
+    let c = cluster.client_for(primary);
+    for expected in 1..=150 {
+        assert_eq!(c.get_id("").await.unwrap().id, expected);
+    }
+    assert!(
+        cluster.log(primary).contains("built snapshot"),
+        "{}",
+        cluster.log_tails()
+    );
+
+    cluster.start_node(lagging).unwrap();
+    cluster.wait_current_id("default", 150).await.unwrap();
+    assert!(
+        cluster
+            .log(lagging)
+            .contains("installed snapshot from primary"),
+        "the lagging node caught up without a snapshot, so the purge was not exercised\n{}",
+        cluster.log_tails()
+    );
+
+    // Every node restarts from its own snapshot plus the log after it.
+    cluster.kill_all();
+    for id in cluster.ids() {
+        cluster.start_node(id).unwrap();
+    }
+    cluster.wait_for_primary().await.unwrap();
+    assert_eq!(cluster.client().get_id("").await.unwrap().id, 151);
+}
+
+async fn health(addr: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let resp = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(resp.into_inner().status).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_requests_fail_with_unavailable_and_health_says_not_serving() {
+    let mut cluster = Cluster::builder(SERVER)
+        .set("request_timeout_ms", 1000)
+        .start()
+        .unwrap();
+    let primary = cluster.wait_for_primary().await.unwrap();
+    let survivor = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    assert_eq!(
+        health(&cluster.node(survivor).addr).await,
+        Some(ServingStatus::Serving)
+    );
+
+    for id in cluster.ids().into_iter().filter(|&id| id != survivor) {
+        cluster.kill(id);
+    }
+    let lone = cluster
+        .client_for(survivor)
+        .with_deadline(Duration::from_secs(3));
+    let err = lone
+        .get_id("")
+        .await
+        .expect_err("a lone node must not hand out ids");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+
+    // With its primary gone and no quorum to elect another, the node reports NOT_SERVING.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&cluster.node(survivor).addr).await != Some(ServingStatus::NotServing) {
+        assert!(
+            Instant::now() < deadline,
+            "node still SERVING without a primary"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A second node back makes a majority again.
+    cluster.start_node(primary).unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    assert!(cluster.client_for(survivor).get_id("").await.is_ok());
+}
