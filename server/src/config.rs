@@ -13,25 +13,6 @@ use figment::providers::{Env, Format, Json, Serialized};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-/// The config keys a file or the environment may set. Anything else is rejected.
-const KEYS: &[&str] = &[
-    "servers",
-    "host",
-    "base_port",
-    "base_peer_port",
-    "data_dir",
-    "nodes",
-    "max_batch",
-    "max_sequences",
-    "queue_capacity",
-    "request_timeout_ms",
-    "heartbeat_interval_ms",
-    "election_timeout_min_ms",
-    "election_timeout_max_ms",
-    "snapshot_logs",
-    "logs_to_keep",
-];
-
 /// A node of the cluster as the config describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,7 +120,8 @@ impl Config {
             )));
         }
         let figment = figment
-            .merge(Env::prefixed("SEQUENCER_").filter(|k| KEYS.contains(&k.as_str())))
+            // Unknown SEQUENCER_* variables are refused like unknown file keys.
+            .merge(Env::prefixed("SEQUENCER_"))
             .merge(Serialized::defaults(overrides));
         let raw: RawConfig = figment.extract().map_err(|e| ConfigError(one_line(e)))?;
         raw.validate()
@@ -372,6 +354,40 @@ mod tests {
             let e = Config::from_json(json).unwrap_err().to_string();
             assert!(e.contains(key), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_is_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("config.json", r#"{"max_batch": 10}"#)?;
+            jail.set_env("SEQUENCER_MAX_BATCH", "20");
+            let c = Config::load(Path::new("config.json"), true, &Overrides::default()).unwrap();
+            assert_eq!(c.max_batch, 20);
+            jail.set_env("SEQUENCER_MAX_BATCH", "lots");
+            let e =
+                Config::load(Path::new("config.json"), true, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("max_batch"), "{e}");
+            jail.set_env("SEQUENCER_MAX_BATCH", "20");
+            jail.set_env("SEQUENCER_MAX_BATHC", "1");
+            let e =
+                Config::load(Path::new("config.json"), true, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("max_bathc"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn flags_override_everything() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("config.json", r#"{"data_dir": "from-file"}"#)?;
+            jail.set_env("SEQUENCER_DATA_DIR", "from-env");
+            let flags = Overrides {
+                data_dir: Some("from-flag".into()),
+            };
+            let c = Config::load(Path::new("config.json"), true, &flags).unwrap();
+            assert_eq!(c.data_dir, PathBuf::from("from-flag"));
+            Ok(())
+        });
     }
 
     #[test]

@@ -68,9 +68,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Our story at info; openraft's own chatter (vote races, retries to a down peer every 500 ms)
-/// only at error. RUST_LOG overrides it.
-const DEFAULT_LOG_FILTER: &str = "info,openraft=error,openraft::replication=off";
+/// Our story at info. openraft's own lines (vote races, an error per retry to a down peer)
+/// are off; a stopped Raft is logged by the node itself. RUST_LOG overrides it.
+const DEFAULT_LOG_FILTER: &str = "info,openraft=off";
 
 fn init_tracing() {
     let filter =

@@ -28,10 +28,15 @@ pub async fn watch_primary(id: NodeId, raft: Raft, reporter: HealthReporter) {
     let mut metrics = raft.metrics();
     let mut known: Option<Option<NodeId>> = None;
     loop {
-        let (leader, term) = {
+        let (leader, term, running) = {
             let m = metrics.borrow_and_update();
-            (m.current_leader, m.current_term)
+            (m.current_leader, m.current_term, m.running_state.clone())
         };
+        if let Err(fatal) = running {
+            tracing::error!(node = id, error = %fatal, "raft stopped; this node no longer serves");
+            set_all(&reporter, ServingStatus::NotServing).await;
+            return;
+        }
         if known != Some(leader) {
             match leader {
                 Some(p) if p == id => {

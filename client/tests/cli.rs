@@ -1,0 +1,132 @@
+//! The `client` binary and run_clients.sh against a real 3-node cluster.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use testkit::{sibling_binary, Cluster};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_client");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+async fn cluster() -> Cluster {
+    let mut c = Cluster::builder(sibling_binary(CLIENT, "server"))
+        .start()
+        .unwrap();
+    c.wait_for_primary().await.unwrap();
+    c
+}
+
+fn client(cluster: &Cluster, args: &[&str]) -> Output {
+    Command::new(CLIENT)
+        .arg("--config")
+        .arg(cluster.config_path())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_prints_ids_blocks_status_and_json() {
+    let mut cluster = cluster().await;
+    assert_eq!(stdout(&client(&cluster, &["get-id"])).trim(), "1");
+    assert_eq!(
+        stdout(&client(&cluster, &["get-id", "--count", "5"])).trim(),
+        "2..6"
+    );
+    assert_eq!(
+        stdout(&client(&cluster, &["get-id", "--repeat", "3"])).trim(),
+        "7\n8\n9"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&client(&cluster, &["get-id", "--json"]))).unwrap();
+    assert_eq!(json["id"], 10);
+    assert!(json["primary"].as_u64().unwrap() >= 1);
+
+    let status = stdout(&client(&cluster, &["status"]));
+    assert_eq!(
+        status
+            .lines()
+            .filter(|l| l.trim_end().ends_with("primary"))
+            .count(),
+        1,
+        "{status}"
+    );
+    for addr in cluster.addrs() {
+        assert!(status.contains(&addr), "{status}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&client(&cluster, &["status", "--json"]))).unwrap();
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+
+    cluster.wait_current_id("default", 10).await.unwrap();
+    let third = cluster.node(3).addr.clone();
+    assert_eq!(
+        stdout(&client(&cluster, &["current-id", "--server", &third])).trim(),
+        "10"
+    );
+
+    let bad = client(&cluster, &["get-id", "--count", "0"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_moves_on_when_a_server_is_down() {
+    let mut cluster = cluster().await;
+    let (down, up) = (cluster.node(1).addr.clone(), cluster.node(2).addr.clone());
+    cluster.kill(1);
+    cluster.wait_for_primary().await.unwrap();
+    let out = client(&cluster, &["get-id", "--server", &down, "--server", &up]);
+    assert!(stdout(&out).trim().parse::<u64>().is_ok());
+}
+
+fn run_clients(config: &Path, client_bin: &Path, args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg(repo_root().join("run_clients.sh"))
+        .args(args)
+        .env("CONFIG", config)
+        .env("CLIENT_BIN", client_bin)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_clients_sh_succeeds_with_unique_ids_on_a_healthy_cluster() {
+    let cluster = cluster().await;
+    let out = run_clients(cluster.config_path(), Path::new(CLIENT), &["6", "30"]);
+    let text = stdout(&out);
+    assert!(text.contains("ids=180 unique=180 range=1..180"), "{text}");
+    assert!(text.contains("failed_clients=0"), "{text}");
+}
+
+#[test]
+fn run_clients_sh_fails_when_an_id_repeats() {
+    // A stand-in client that hands every caller the same ids: the script must catch it.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("client");
+    std::fs::write(
+        &fake,
+        "#!/usr/bin/env bash\nif [[ \" $* \" == *\" servers \"* ]]; then echo a:1; echo b:2; else echo 1; echo 2; fi\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&fake).status().unwrap();
+    let out = run_clients(&dir.path().join("config.json"), &fake, &["3", "2"]);
+    assert!(!out.status.success(), "duplicates went unnoticed");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DUPLICATE"));
+}

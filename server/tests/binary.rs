@@ -1,0 +1,294 @@
+//! The `server` binary as a user meets it: config errors, a busy port, the one-command
+//! launcher, and the standard tooling (reflection, health) on the client listener.
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sequencer_client::Client;
+use sequencer_proto::peer::peer_client::PeerClient;
+use sequencer_proto::peer::PingRequest;
+use serde_json::json;
+use testkit::{free_ports, Cluster};
+use tonic::transport::{Channel, Endpoint};
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_server");
+
+/// Runs `server` with `args` and returns (success, stderr).
+fn run_server(args: &[&str], dir: &Path) -> (bool, String) {
+    let out = Command::new(SERVER)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("server runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A config with an explicit node list on free ports, under `dir`.
+fn nodes_config(dir: &Path, n: usize) -> serde_json::Value {
+    let ports = free_ports(2 * n).unwrap();
+    let nodes: Vec<_> = (0..n)
+        .map(|i| {
+            json!({"id": i + 1, "addr": format!("127.0.0.1:{}", ports[2 * i]),
+                         "peer_addr": format!("127.0.0.1:{}", ports[2 * i + 1])})
+        })
+        .collect();
+    json!({"nodes": nodes, "data_dir": dir.join("data")})
+}
+
+#[test]
+fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (r#"{"servers": 3, "bogus": 1}"#, "bogus"),
+        (r#"{"servers": "three"}"#, "servers"),
+        (r#"{"servers": 3, "base_port": "#, "config"),
+        (
+            r#"{"nodes": [{"id": 1, "addr": "127.0.0.1:7001", "peer_addr": "127.0.0.1:7002"},
+                          {"id": 1, "addr": "127.0.0.1:7003", "peer_addr": "127.0.0.1:7004"}]}"#,
+            "nodes[1].id",
+        ),
+        (
+            r#"{"nodes": [{"id": 1, "addr": "127.0.0.1:7001", "peer_addr": "127.0.0.1:7002"},
+                          {"id": 2, "addr": "127.0.0.1:7001", "peer_addr": "127.0.0.1:7004"}]}"#,
+            "nodes[1].addr",
+        ),
+        (
+            r#"{"election_timeout_min_ms": 50}"#,
+            "election_timeout_min_ms",
+        ),
+    ];
+    let path = dir.path().join("config.json");
+    for (text, key) in cases {
+        std::fs::write(&path, text).unwrap();
+        // Both the launcher and a single node check the config before anything else.
+        for args in [
+            vec!["--config", "config.json"],
+            vec!["--config", "config.json", "--node", "1"],
+        ] {
+            let (ok, stderr) = run_server(&args, dir.path());
+            assert!(!ok, "{text}: server accepted a bad config");
+            assert_eq!(
+                stderr.trim().lines().count(),
+                1,
+                "{text}: not one line: {stderr}"
+            );
+            assert!(
+                stderr.contains(key),
+                "{text}: `{stderr}` does not name `{key}`"
+            );
+        }
+    }
+    let (ok, stderr) = run_server(&["--config", "missing.json"], dir.path());
+    assert!(!ok && stderr.contains("missing.json"), "{stderr}");
+    std::fs::write(&path, r#"{"servers": 3}"#).unwrap();
+    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "9"], dir.path());
+    assert!(!ok && stderr.contains("node 9"), "{stderr}");
+}
+
+#[test]
+fn a_port_in_use_makes_the_node_exit_naming_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let peer = format!("127.0.0.1:{}", free_ports(1).unwrap()[0]);
+    let config = json!({"nodes": [{"id": 1, "addr": addr, "peer_addr": peer}], "data_dir": dir.path().join("data")});
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "1"], dir.path());
+    assert!(!ok);
+    assert!(stderr.contains(&addr), "`{stderr}` does not name {addr}");
+}
+
+/// Reads lines of `stream` into a channel on a thread, so the child never blocks on a full pipe.
+fn line_channel(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_command_starts_every_node_prints_the_table_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = nodes_config(dir.path(), 3);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let mut launcher = Command::new(SERVER)
+        .args(["--config", "config.json"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = line_channel(launcher.stdout.take().unwrap());
+    let stderr = line_channel(launcher.stderr.take().unwrap());
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut table = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = stdout
+            .recv_timeout(left)
+            .expect("the launcher prints `cluster ready`");
+        if line.starts_with("cluster ready") {
+            break;
+        }
+        if line.starts_with("node ") {
+            table.push(line);
+        }
+    }
+    let addrs: Vec<String> = config["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["addr"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(table.len(), 3, "{table:?}");
+    for (i, addr) in addrs.iter().enumerate() {
+        assert!(
+            table[i].starts_with(&format!("node {}  client {addr}", i + 1)),
+            "{table:?}"
+        );
+    }
+    assert_eq!(
+        table.iter().filter(|l| l.ends_with("primary")).count(),
+        1,
+        "{table:?}"
+    );
+
+    for addr in &addrs {
+        Client::new([addr])
+            .unwrap()
+            .get_id("")
+            .await
+            .expect("every node serves");
+    }
+    let logs: Vec<String> = stderr.try_iter().collect();
+    assert!(
+        logs.iter().any(|l| l.starts_with("node1 | ")),
+        "child output is not prefixed: {logs:?}"
+    );
+
+    // SIGTERM to the launcher we started stops every node, then the launcher itself.
+    unsafe {
+        libc::kill(launcher.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = launcher.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "launcher did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    for addr in &addrs {
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "node at {addr} still listening after stop"
+        );
+    }
+}
+
+#[test]
+fn the_launcher_exits_non_zero_when_a_node_dies_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = nodes_config(dir.path(), 3);
+    let busy = TcpListener::bind(config["nodes"][1]["addr"].as_str().unwrap()).unwrap();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let (ok, stderr) = run_server(&["--config", "config.json"], dir.path());
+    drop(busy);
+    assert!(!ok, "launcher succeeded with a dead node");
+    assert!(stderr.contains("node 2 exited"), "{stderr}");
+}
+
+async fn channel(addr: &str) -> Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_public_services_and_never_the_peer_service() {
+    let mut cluster = Cluster::builder(SERVER).nodes(1).start().unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    let node = cluster.node(1);
+    let mut reflection = ServerReflectionClient::new(channel(&node.addr).await);
+    let ask = |req: MessageRequest| {
+        tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(req),
+        }])
+    };
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "sequencer.v1.Sequencer",
+        "sequencer.v1.Cluster",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    assert!(
+        !names.iter().any(|n| n.contains("peer")),
+        "peer service listed: {names:?}"
+    );
+
+    // grpcurl `describe` needs the file that defines a symbol.
+    let mut answers = reflection
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "sequencer.v1.Sequencer".into(),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no descriptor for sequencer.v1.Sequencer");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+
+    // The peer service answers only on the peer address.
+    let on_client = PeerClient::new(channel(&node.addr).await)
+        .ping(PingRequest {})
+        .await;
+    assert_eq!(on_client.unwrap_err().code(), tonic::Code::Unimplemented);
+    let on_peer = PeerClient::new(channel(&node.peer_addr).await)
+        .ping(PingRequest {})
+        .await;
+    assert_eq!(on_peer.unwrap().into_inner().node_id, 1);
+}
