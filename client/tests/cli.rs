@@ -16,6 +16,7 @@ fn repo_root() -> PathBuf {
 
 async fn cluster() -> Cluster {
     let mut c = Cluster::builder(sibling_binary(CLIENT, "server"))
+        .steady()
         .start()
         .unwrap();
     c.wait_for_primary().await.unwrap();

@@ -145,6 +145,7 @@ async fn every_node_killed_and_restarted_never_reissues_an_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_node_catches_up_from_a_snapshot_after_the_log_is_purged() {
     let mut cluster = Cluster::builder(SERVER)
+        .steady()
         .set("snapshot_logs", 20)
         .set("logs_to_keep", 5)
         .start()

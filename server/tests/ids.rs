@@ -12,7 +12,7 @@ use tonic::Code;
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
 async fn started(builder: testkit::Builder) -> Cluster {
-    let mut cluster = builder.start().expect("cluster starts");
+    let mut cluster = builder.steady().start().expect("cluster starts");
     cluster.wait_for_primary().await.expect("primary elected");
     cluster
 }
@@ -141,6 +141,7 @@ fn assert_code(res: Result<impl std::fmt::Debug, ClientError>, code: Code, menti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let mut cluster = Cluster::builder(SERVER)
+        .steady()
         .set("max_batch", 100)
         .set("max_sequences", 2)
         .start()

@@ -76,6 +76,14 @@ impl Builder {
         self
     }
 
+    /// Long election timeouts, for tests that assert ids are dense: on a starved CI machine a
+    /// spurious election may commit a batch whose waiters were already told to retry, leaving
+    /// a gap (never a duplicate). Failover tests keep the defaults.
+    pub fn steady(self) -> Self {
+        self.set("election_timeout_min_ms", 2000)
+            .set("election_timeout_max_ms", 4000)
+    }
+
     /// Writes config.json and starts every node. Does not wait for a primary.
     pub fn start(self) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("seqtest").tempdir()?;
