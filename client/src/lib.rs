@@ -91,6 +91,24 @@ struct Server {
     channel: Channel,
 }
 
+fn server(addr: &str, rpc_timeout: Duration) -> Result<Server, ClientError> {
+    let addr = addr.trim().to_string();
+    let uri = if addr.contains("://") {
+        addr.clone()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| ClientError::BadAddress(addr.clone(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(rpc_timeout)
+        .tcp_nodelay(true);
+    Ok(Server {
+        channel: endpoint.connect_lazy(),
+        addr,
+    })
+}
+
 /// A handle on the cluster. Cheap to share across tasks (`&Client` or `Arc<Client>`).
 pub struct Client {
     servers: Vec<Server>,
@@ -101,24 +119,10 @@ pub struct Client {
 impl Client {
     /// A client for these `host:port` addresses. Nothing connects until the first call.
     pub fn new<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Result<Self, ClientError> {
-        let mut servers = Vec::new();
-        for addr in addrs {
-            let addr = addr.as_ref().trim().to_string();
-            let uri = if addr.contains("://") {
-                addr.clone()
-            } else {
-                format!("http://{addr}")
-            };
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| ClientError::BadAddress(addr.clone(), e.to_string()))?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(RPC_TIMEOUT)
-                .tcp_nodelay(true);
-            servers.push(Server {
-                channel: endpoint.connect_lazy(),
-                addr,
-            });
-        }
+        let servers = addrs
+            .into_iter()
+            .map(|a| server(a.as_ref(), RPC_TIMEOUT))
+            .collect::<Result<Vec<_>, _>>()?;
         if servers.is_empty() {
             return Err(ClientError::NoServers);
         }
@@ -127,6 +131,16 @@ impl Client {
             current: AtomicUsize::new(0),
             deadline: DEFAULT_DEADLINE,
         })
+    }
+
+    /// How long one RPC may take before the client tries the next server (default 6 s).
+    pub fn with_rpc_timeout(mut self, timeout: Duration) -> Result<Self, ClientError> {
+        self.servers = self
+            .servers
+            .iter()
+            .map(|s| server(&s.addr, timeout))
+            .collect::<Result<_, _>>()?;
+        Ok(self)
     }
 
     /// How long a call may keep trying servers (default 15 s).

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::proposer::{Committed, Proposer};
@@ -25,6 +26,8 @@ pub struct Grant {
 struct Pending {
     sequence: String,
     count: u64,
+    /// Counted from arrival, so time spent queued behind a slow batch counts too.
+    deadline: Instant,
     reply: oneshot::Sender<Result<Grant, Error>>,
 }
 
@@ -32,6 +35,7 @@ struct Pending {
 #[derive(Clone)]
 pub struct Allocator {
     tx: mpsc::Sender<Pending>,
+    proposer: Proposer,
 }
 
 impl Allocator {
@@ -43,8 +47,8 @@ impl Allocator {
         tasks: &mut JoinSet<()>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(capacity);
-        tasks.spawn(run(rx, proposer, max_sequences));
-        Self { tx }
+        tasks.spawn(run(rx, proposer.clone(), max_sequences));
+        Self { tx, proposer }
     }
 
     /// `count` consecutive ids of `sequence`. The name and count must already be valid.
@@ -54,6 +58,7 @@ impl Allocator {
             .try_send(Pending {
                 sequence,
                 count,
+                deadline: self.proposer.deadline(),
                 reply,
             })
             .map_err(|e| match e {
@@ -76,8 +81,18 @@ async fn run(mut rx: mpsc::Receiver<Pending>, proposer: Proposer, max_sequences:
                 Err(_) => break,
             }
         }
-        // A caller that gave up would only burn ids.
-        batch.retain(|p| !p.reply.is_closed());
+        // A caller that gave up, or whose time ran out in the queue, would only burn ids.
+        let now = Instant::now();
+        let (live, expired): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .filter(|p| !p.reply.is_closed())
+            .partition(|p| p.deadline > now);
+        for p in expired {
+            let _ = p.reply.send(Err(Error::Unavailable(
+                "no batch reached the primary within request_timeout_ms".into(),
+            )));
+        }
+        let batch = live;
         if batch.is_empty() {
             continue;
         }
@@ -86,7 +101,12 @@ async fn run(mut rx: mpsc::Receiver<Pending>, proposer: Proposer, max_sequences:
             requests,
             max_sequences,
         };
-        match proposer.propose(command).await {
+        let deadline = batch
+            .iter()
+            .map(|p| p.deadline)
+            .min()
+            .unwrap_or_else(|| proposer.deadline());
+        match proposer.propose(command, deadline).await {
             Ok(committed) => {
                 if committed.primary != proposer.id() {
                     tracing::info!(
@@ -172,6 +192,7 @@ mod tests {
         Pending {
             sequence: sequence.into(),
             count,
+            deadline: Instant::now(),
             reply: oneshot::channel().0,
         }
     }

@@ -71,9 +71,13 @@ impl Proposer {
         self.id
     }
 
-    /// Commits `command` through whichever node is primary, within the request timeout.
-    pub async fn propose(&self, command: Command) -> Result<Committed, Error> {
-        let deadline = Instant::now() + self.timeout;
+    /// When a request arriving now must have its answer.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
+
+    /// Commits `command` through whichever node is primary, before `deadline`.
+    pub async fn propose(&self, command: Command, deadline: Instant) -> Result<Committed, Error> {
         loop {
             let primary = self.raft.metrics().borrow().current_leader;
             let attempt = match primary {
@@ -88,7 +92,7 @@ impl Proposer {
             };
             if Instant::now() + RETRY_PAUSE >= deadline {
                 return Err(Error::Unavailable(format!(
-                    "{reason} (gave up after {} ms)",
+                    "{reason} (gave up after request_timeout_ms = {})",
                     self.timeout.as_millis()
                 )));
             }

@@ -216,14 +216,28 @@ async fn without_a_quorum_requests_fail_with_unavailable_and_health_says_not_ser
     for id in cluster.ids().into_iter().filter(|&id| id != survivor) {
         cluster.kill(id);
     }
+    // Concurrent callers queue behind one failing batch; each still gets UNAVAILABLE from the
+    // server within request_timeout_ms of arriving. One attempt each, and the client waits
+    // 1.5 x that before it gives up on its own (CANCELLED).
     let lone = cluster
         .client_for(survivor)
-        .with_deadline(Duration::from_secs(3));
-    let err = lone
-        .get_id("")
-        .await
-        .expect_err("a lone node must not hand out ids");
-    assert_eq!(err.code(), Code::Unavailable, "{err}");
+        .with_deadline(Duration::ZERO)
+        .with_rpc_timeout(Duration::from_millis(1500))
+        .unwrap();
+    let lone = Arc::new(lone);
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let lone = lone.clone();
+            tokio::spawn(async move { lone.get_id("").await })
+        })
+        .collect();
+    for call in calls {
+        let err = call
+            .await
+            .unwrap()
+            .expect_err("a lone node must not hand out ids");
+        assert_eq!(err.code(), Code::Unavailable, "{err}");
+    }
 
     // With its primary gone and no quorum to elect another, the node reports NOT_SERVING.
     let deadline = Instant::now() + Duration::from_secs(10);
