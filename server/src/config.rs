@@ -300,6 +300,8 @@ impl RawConfig {
 }
 
 #[cfg(test)]
+// figment's Jail closures must return its large error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
