@@ -4,8 +4,14 @@
 //! server is down or has no primary (UNAVAILABLE), the call moves on to the next one, cycling
 //! with a short backoff until the client's deadline. Any server will do: followers forward to
 //! the primary. Other errors (bad input, limits) come back at once.
+//!
+//! Primary discovery saves that forwarding hop: [`Client::discover_primary`] learns which of
+//! the client's servers is which node, and from then on every id response (which names the
+//! primary) steers the next call to the primary.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
@@ -114,6 +120,8 @@ pub struct Client {
     servers: Vec<Server>,
     current: AtomicUsize,
     deadline: Duration,
+    /// Node id -> index in `servers`, learned from Cluster.Status.
+    nodes: RwLock<HashMap<u32, usize>>,
 }
 
 impl Client {
@@ -130,6 +138,7 @@ impl Client {
             servers,
             current: AtomicUsize::new(0),
             deadline: DEFAULT_DEADLINE,
+            nodes: RwLock::default(),
         })
     }
 
@@ -159,11 +168,14 @@ impl Client {
         let req = pb::GetIdRequest {
             sequence: sequence.to_string(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { SequencerClient::new(ch).get_id(req).await }
-        })
-        .await
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { SequencerClient::new(ch).get_id(req).await }
+            })
+            .await?;
+        self.follow_primary(resp.primary);
+        Ok(resp)
     }
 
     /// A dense block of `count` ids of `sequence`.
@@ -176,11 +188,14 @@ impl Client {
             sequence: sequence.to_string(),
             count,
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { SequencerClient::new(ch).get_ids(req).await }
-        })
-        .await
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { SequencerClient::new(ch).get_ids(req).await }
+            })
+            .await?;
+        self.follow_primary(resp.primary);
+        Ok(resp)
     }
 
     /// The last id of `sequence` as applied on the server that answers.
@@ -199,6 +214,32 @@ impl Client {
     pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
         self.call(|ch| async move { ClusterClient::new(ch).status(pb::StatusRequest {}).await })
             .await
+    }
+
+    /// Asks any server for the cluster's layout, learns which of this client's servers is which
+    /// node, and sends the next calls to the primary. Returns the primary's id, if one is known.
+    pub async fn discover_primary(&self) -> Result<Option<u32>, ClientError> {
+        let status = self.status().await?;
+        let mut nodes = HashMap::new();
+        for n in &status.nodes {
+            if let Some(i) = self.servers.iter().position(|s| s.addr == n.addr) {
+                nodes.insert(n.id, i);
+            }
+        }
+        *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = nodes;
+        if status.primary == 0 {
+            return Ok(None);
+        }
+        self.follow_primary(status.primary);
+        Ok(Some(status.primary))
+    }
+
+    /// Points the next call at node `primary`, if discovery has told us its address.
+    fn follow_primary(&self, primary: u32) {
+        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(&i) = nodes.get(&primary) {
+            self.current.store(i, Ordering::Relaxed);
+        }
     }
 
     /// Calls `f` on the current server, moving on to the next on retryable errors.

@@ -113,6 +113,34 @@ async fn killing_the_primary_elects_a_new_one_and_no_id_repeats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_discovers_the_primary_and_follows_it_after_a_failover() {
+    let mut cluster = Cluster::builder(SERVER).start().unwrap();
+    let primary = cluster.wait_for_primary().await.unwrap();
+    // Start the client at a follower: discovery must move it to the primary.
+    let mut addrs = cluster.addrs();
+    let n = addrs.len();
+    addrs.rotate_left(primary as usize % n);
+    let client = Client::new(addrs).unwrap();
+    assert_eq!(
+        client.discover_primary().await.unwrap(),
+        Some(primary as u32)
+    );
+    let r = client.get_id("").await.unwrap();
+    assert_eq!((r.served_by, r.primary), (primary as u32, primary as u32));
+
+    cluster.kill(primary);
+    let new = cluster.wait_for_primary().await.unwrap() as u32;
+    // The first call after the crash lands on a survivor, whose answer names the new primary.
+    let r = client.get_id("").await.unwrap();
+    assert_eq!(r.primary, new);
+    let r = client.get_id("").await.unwrap();
+    assert_eq!(
+        r.served_by, new,
+        "the client did not follow the new primary"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_killed_and_restarted_never_reissues_an_id() {
     let mut cluster = Cluster::builder(SERVER).start().unwrap();
     cluster.wait_for_primary().await.unwrap();

@@ -33,7 +33,10 @@ pub async fn watch_primary(id: NodeId, raft: Raft, reporter: HealthReporter) {
             (m.current_leader, m.current_term, m.running_state.clone())
         };
         if let Err(fatal) = running {
-            tracing::error!(node = id, error = %fatal, "raft stopped; this node no longer serves");
+            // Stopped is our own graceful shutdown; anything else (a storage failure) is not.
+            if !matches!(fatal, openraft::error::Fatal::Stopped) {
+                tracing::error!(node = id, error = %fatal, "raft stopped; this node no longer serves");
+            }
             set_all(&reporter, ServingStatus::NotServing).await;
             return;
         }
