@@ -53,7 +53,8 @@ impl ClientError {
         }
     }
 
-    /// The gRPC code behind the error (UNAVAILABLE when no server answered).
+    /// The gRPC code behind the error; INVALID_ARGUMENT for a client built without servers or
+    /// with a bad address.
     pub fn code(&self) -> Code {
         self.status()
             .map(|s| s.code())
@@ -84,11 +85,13 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Worth trying on another server: the server is down, has no primary, or timed out.
+/// Worth trying on another server: the server is down, has no primary, or timed out. tonic
+/// reports a connection reset mid-call (a server killed) as UNKNOWN. Retrying an id request
+/// whose fate is unknown is safe: at worst it burns ids, it never repeats one.
 fn retryable(code: Code) -> bool {
     matches!(
         code,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
     )
 }
 

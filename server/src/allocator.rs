@@ -3,7 +3,7 @@
 //! proposes it, a follower forwards it). When the entry is applied, each waiter gets its own
 //! consecutive slice of the range. There is no fixed delay: a batch is whatever queued up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -15,6 +15,8 @@ use crate::state::{AllocRequest, Command, Reply};
 
 /// Most waiters served by one log entry.
 const MAX_WAITERS_PER_BATCH: usize = 65_536;
+/// Most distinct sequences in one log entry, which keeps entries small whatever names arrive.
+const MAX_SEQUENCES_PER_BATCH: usize = 1_024;
 
 /// Ids granted to one request.
 #[derive(Debug, Clone, Copy)]
@@ -73,13 +75,28 @@ impl Allocator {
 
 async fn run(mut rx: mpsc::Receiver<Pending>, proposer: Proposer, max_sequences: u32) {
     let mut replies = JoinSet::new();
-    while let Some(first) = rx.recv().await {
+    // A request that did not fit the previous batch opens the next one.
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
+        let mut names: HashSet<String> = HashSet::from([first.sequence.clone()]);
         let mut batch = vec![first];
         while batch.len() < MAX_WAITERS_PER_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+            let Ok(p) = rx.try_recv() else { break };
+            if !names.contains(&p.sequence) {
+                if names.len() == MAX_SEQUENCES_PER_BATCH {
+                    carry = Some(p);
+                    break;
+                }
+                names.insert(p.sequence.clone());
             }
+            batch.push(p);
         }
         // A caller that gave up, or whose time ran out in the queue, would only burn ids.
         let now = Instant::now();

@@ -220,8 +220,11 @@ impl RawConfig {
         let mut ids = HashSet::new();
         let mut addrs = HashSet::new();
         for (i, n) in nodes.iter().enumerate() {
-            if n.id == 0 {
-                return err(&format!("nodes[{i}].id"), "must be at least 1".into());
+            if n.id == 0 || n.id > u64::from(u32::MAX) {
+                return err(
+                    &format!("nodes[{i}].id"),
+                    format!("must be 1..={}", u32::MAX),
+                );
             }
             if !ids.insert(n.id) {
                 return err(
@@ -256,8 +259,11 @@ impl RawConfig {
         if self.queue_capacity == 0 {
             return err("queue_capacity", "must be at least 1".into());
         }
-        if self.request_timeout_ms == 0 {
-            return err("request_timeout_ms", "must be at least 1".into());
+        if !(1..=3_600_000).contains(&self.request_timeout_ms) {
+            return err(
+                "request_timeout_ms",
+                "must be 1..=3600000 (one hour)".into(),
+            );
         }
         if self.heartbeat_interval_ms == 0 {
             return err("heartbeat_interval_ms", "must be at least 1".into());
@@ -348,6 +354,14 @@ mod tests {
                 "election_timeout_min_ms",
             ),
             (r#"{"servers": "three"}"#, "servers"),
+            (
+                r#"{"request_timeout_ms": 18446744073709551615}"#,
+                "request_timeout_ms",
+            ),
+            (
+                r#"{"nodes": [{"id":4294967296,"addr":"127.0.0.1:1","peer_addr":"127.0.0.1:2"}]}"#,
+                "nodes[0].id",
+            ),
             (
                 r#"{"nodes": [{"id":1,"addr":"nowhere","peer_addr":"127.0.0.1:2"}]}"#,
                 "nodes[0].addr",

@@ -21,7 +21,7 @@ use crate::api::health::watch_primary;
 use crate::api::sequencer::SequencerApi;
 use crate::config::Config;
 use crate::error::Error;
-use crate::peer::{PeerClients, PeerService};
+use crate::peer::{PeerClients, PeerService, PEER_MESSAGE_LIMIT};
 use crate::proposer::Proposer;
 use crate::raft::network::Network;
 use crate::raft::{open_store, raft_config, NodeId, Raft};
@@ -65,14 +65,16 @@ pub async fn run(
     initialize(&raft, &config).await?;
     tracing::info!(node = id, dir = %dir.display(), nodes = config.nodes.len(), "node started");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_clients, stop_clients_rx) = watch::channel(false);
+    let (stop_peers, stop_peers_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let proposer = Proposer::new(id, raft.clone(), peers.clone(), config.request_timeout);
+    let mut batcher = JoinSet::new();
     let allocator = Allocator::start(
         proposer.clone(),
         config.queue_capacity,
         config.max_sequences,
-        &mut tasks,
+        &mut batcher,
     );
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -96,6 +98,7 @@ pub async fn run(
             allocator,
             reader,
             config.max_batch,
+            config.max_sequences,
         )))
         .add_service(ClusterServer::new(ClusterApi::new(
             id,
@@ -104,33 +107,44 @@ pub async fn run(
             peers,
             config.nodes.clone(),
         )))
-        .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_clients_rx));
     let peer_server = Server::builder()
         .add_service(
             PeerServer::new(PeerService::new(id, raft.clone(), proposer))
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
+                .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+                .max_encoding_message_size(PEER_MESSAGE_LIMIT),
         )
-        .serve_with_incoming_shutdown(incoming(listeners.peer), stopped(stop_rx));
+        .serve_with_incoming_shutdown(incoming(listeners.peer), stopped(stop_peers_rx));
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
 
     shutdown.await;
     tracing::info!(node = id, "shutting down");
-    let _ = stop_tx.send(true);
-    for (name, task) in [("client", client_task), ("peer", peer_task)] {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(node = id, listener = name, error = %e, "server error"),
-            Err(e) => tracing::warn!(node = id, listener = name, error = %e, "server task failed"),
-        }
-    }
+    // Clients first: requests in flight still need the peer listener, to hear the entries they
+    // wait for. Then Raft, then the peer listener, so this node starts no election on its way out.
+    let _ = stop_clients.send(true);
+    report(id, "client", client_task.await);
+    while batcher.join_next().await.is_some() {}
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(node = id, error = %e, "raft shutdown");
     }
+    let _ = stop_peers.send(true);
+    report(id, "peer", peer_task.await);
     while tasks.join_next().await.is_some() {}
     tracing::info!(node = id, "stopped");
     Ok(())
+}
+
+fn report(
+    id: NodeId,
+    listener: &str,
+    res: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) {
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(node = id, listener, error = %e, "server error"),
+        Err(e) => tracing::warn!(node = id, listener, error = %e, "server task failed"),
+    }
 }
 
 /// Bootstraps a fresh cluster. Every node does it with the same members; a node that already

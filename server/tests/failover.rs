@@ -27,34 +27,61 @@ fn rotating_clients(cluster: &Cluster, n: usize) -> Vec<Arc<Client>> {
         .collect()
 }
 
-/// Runs GetId in a loop on every client until `stop`; returns the successful operations.
+/// What the load saw: successful operations, and every error a caller got back.
+struct Load {
+    ops: Vec<Op>,
+    errors: Vec<String>,
+}
+
+/// Runs GetId in a loop on every client until `stop`.
 fn spawn_load(
     clients: Vec<Arc<Client>>,
     stop: Arc<AtomicBool>,
     done: Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Vec<Op>>> {
+) -> Vec<tokio::task::JoinHandle<Load>> {
     clients
         .into_iter()
         .map(|c| {
             let (stop, done) = (stop.clone(), done.clone());
             tokio::spawn(async move {
-                let mut ops = Vec::new();
+                let mut load = Load {
+                    ops: Vec::new(),
+                    errors: Vec::new(),
+                };
                 while !stop.load(Ordering::Relaxed) {
                     let invoke = Instant::now();
-                    if let Ok(r) = c.get_id("").await {
-                        ops.push(Op {
-                            invoke,
-                            complete: Instant::now(),
-                            first: r.id,
-                            count: 1,
-                        });
-                        done.fetch_add(1, Ordering::Relaxed);
+                    match c.get_id("").await {
+                        Ok(r) => {
+                            load.ops.push(Op {
+                                invoke,
+                                complete: Instant::now(),
+                                first: r.id,
+                                count: 1,
+                            });
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => load.errors.push(e.to_string()),
                     }
                 }
-                ops
+                load
             })
         })
         .collect()
+}
+
+/// Stops the load and gathers it.
+async fn finish(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Load>>) -> Load {
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Load {
+        ops: Vec::new(),
+        errors: Vec::new(),
+    };
+    for t in tasks {
+        let load = t.await.unwrap();
+        all.ops.extend(load.ops);
+        all.errors.extend(load.errors);
+    }
+    all
 }
 
 async fn wait_for_count(done: &AtomicUsize, at_least: usize) {
@@ -84,12 +111,14 @@ async fn killing_the_primary_elects_a_new_one_and_no_id_repeats() {
     assert_ne!(new, old);
     let before = done.load(Ordering::Relaxed);
     wait_for_count(&done, before + 200).await;
-    stop.store(true, Ordering::Relaxed);
+    let Load { ops, errors } = finish(&stop, tasks).await;
 
-    let mut ops = Vec::new();
-    for t in tasks {
-        ops.extend(t.await.unwrap());
-    }
+    // One failover is well within a client's retry deadline: no caller may see an error.
+    assert_eq!(
+        errors,
+        Vec::<String>::new(),
+        "callers saw errors across the failover"
+    );
     assert!(
         ops.iter().any(|o| o.invoke > killed_at),
         "no id was served after the crash"
@@ -138,6 +167,43 @@ async fn the_client_discovers_the_primary_and_follows_it_after_a_failover() {
         r.served_by, new,
         "the client did not follow the new primary"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_stopped_with_sigterm_under_load_leaves_quietly() {
+    let mut cluster = Cluster::builder(SERVER).start().unwrap();
+    let primary = cluster.wait_for_primary().await.unwrap();
+    let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let term = cluster.client_for(primary).status().await.unwrap().term;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    // Load through the follower too, so it has forwarded requests in flight when it stops.
+    let tasks = spawn_load(rotating_clients(&cluster, 6), stop.clone(), done.clone());
+    wait_for_count(&done, 200).await;
+
+    let status = cluster.signal_and_wait(follower, libc::SIGTERM).unwrap();
+    assert!(status.success(), "node exited with {status}");
+    let before = done.load(Ordering::Relaxed);
+    wait_for_count(&done, before + 100).await;
+    let Load { ops, errors } = finish(&stop, tasks).await;
+    assert_eq!(
+        errors,
+        Vec::<String>::new(),
+        "callers saw errors while a follower stopped"
+    );
+    assert_eq!(overlaps(&ops), vec![]);
+
+    // It stopped Raft before its peer listener, so it never started an election on its way
+    // out: back again, it rejoins the same primary in the same term.
+    cluster.start_node(follower).unwrap();
+    assert_eq!(cluster.wait_for_primary().await.unwrap(), primary);
+    for id in cluster.ids() {
+        assert_eq!(
+            cluster.client_for(id).status().await.unwrap().term,
+            term,
+            "node {id} moved to a new term"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ pub mod cluster;
 pub mod health;
 pub mod sequencer;
 
-/// Node ids are u64 in Raft and u32 on the wire; config validation keeps them in range.
+/// Node ids are u64 in Raft and u32 on the wire; config validation keeps them within u32.
 pub(crate) fn wire_id(id: u64) -> u32 {
     u32::try_from(id).unwrap_or(u32::MAX)
 }

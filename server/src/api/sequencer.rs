@@ -11,7 +11,7 @@ use crate::allocator::Allocator;
 use crate::error::Error;
 use crate::raft::state_machine::StateReader;
 use crate::raft::NodeId;
-use crate::state::{valid_sequence_name, DEFAULT_SEQUENCE};
+use crate::state::{valid_sequence_name, Rejected, DEFAULT_SEQUENCE};
 
 /// The id service of one node.
 pub struct SequencerApi {
@@ -19,16 +19,40 @@ pub struct SequencerApi {
     allocator: Allocator,
     reader: StateReader,
     max_batch: u32,
+    max_sequences: u32,
 }
 
 impl SequencerApi {
-    pub fn new(id: NodeId, allocator: Allocator, reader: StateReader, max_batch: u32) -> Self {
+    pub fn new(
+        id: NodeId,
+        allocator: Allocator,
+        reader: StateReader,
+        max_batch: u32,
+        max_sequences: u32,
+    ) -> Self {
         Self {
             id,
             allocator,
             reader,
             max_batch,
+            max_sequences,
         }
+    }
+
+    /// Refuses a new sequence early when this node already holds `max_sequences`, so such
+    /// requests never reach the log. The state machine still decides when this node lags.
+    fn check_room(&self, sequence: &str) -> Result<(), Error> {
+        let full = self.reader.read(|a| {
+            let s = &a.state.sequences;
+            s.len() >= self.max_sequences as usize && s.current(sequence) == 0
+        });
+        if full {
+            return Err(Rejected::TooManySequences {
+                max: self.max_sequences,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     fn count(&self, count: u32) -> Result<u64, Error> {
@@ -60,6 +84,7 @@ fn sequence_name(raw: String) -> Result<String, Error> {
 impl Sequencer for SequencerApi {
     async fn get_id(&self, req: Request<GetIdRequest>) -> Result<Response<GetIdResponse>, Status> {
         let sequence = sequence_name(req.into_inner().sequence)?;
+        self.check_room(&sequence)?;
         let grant = self.allocator.allocate(sequence, 1).await?;
         Ok(Response::new(GetIdResponse {
             id: grant.first,
@@ -75,6 +100,7 @@ impl Sequencer for SequencerApi {
         let req = req.into_inner();
         let count = self.count(req.count)?;
         let sequence = sequence_name(req.sequence)?;
+        self.check_room(&sequence)?;
         let grant = self.allocator.allocate(sequence, count).await?;
         Ok(Response::new(GetIdsResponse {
             first: grant.first,

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::PEER_MESSAGE_LIMIT;
 use crate::config::Config;
 use crate::raft::codec::{decode, encode};
 use crate::raft::NodeId;
@@ -76,8 +77,12 @@ impl PeerClient {
 
     fn status_error(&self, s: tonic::Status) -> PeerError {
         match s.code() {
-            // tonic reports connect failures and broken connections as UNAVAILABLE.
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            // tonic reports connect failures as UNAVAILABLE and a connection reset mid-call (a
+            // peer killed) as UNKNOWN. Our peers never send UNKNOWN themselves.
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled => {
                 PeerError::Unreachable(self.target, s.message().to_string())
             }
             _ => PeerError::Status(self.target, s),
@@ -105,8 +110,8 @@ impl PeerClients {
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5));
             let grpc = GrpcPeerClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX);
+                .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+                .max_encoding_message_size(PEER_MESSAGE_LIMIT);
             clients.insert(n.id, PeerClient { target: n.id, grpc });
         }
         Ok(Self { clients })

@@ -7,3 +7,6 @@ mod service;
 
 pub use client::{PeerClient, PeerClients, PeerError, PeerRpc};
 pub use service::PeerService;
+
+/// Largest peer message, both ways: a batch of log entries or a snapshot chunk, with room.
+pub const PEER_MESSAGE_LIMIT: usize = 64 * 1024 * 1024;

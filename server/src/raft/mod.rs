@@ -61,6 +61,8 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, Error> {
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: config.logs_to_keep,
+        // Bounds one AppendEntries; each entry is at most 1,024 sequences (see allocator).
+        max_payload_entries: 64,
         ..Default::default()
     };
     c.validate()

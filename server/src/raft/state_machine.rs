@@ -13,7 +13,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership,
 };
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{decode, encode};
@@ -23,6 +23,8 @@ use crate::state::{Command, Reply, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 const CURRENT: &str = "current";
+/// The stored snapshot's last log id, kept apart so comparing needs no decoding of the state.
+const LAST_LOG_ID: &str = "last_log_id";
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, BasicNode>;
@@ -125,22 +127,47 @@ impl StateMachine {
         Ok(Some(stored))
     }
 
-    /// Writes the snapshot durably, replacing the previous one.
+    /// Writes the snapshot durably, unless the stored one is at least as new: a build that
+    /// started before an install from the primary must not overwrite the installed snapshot.
     async fn save_snapshot(&self, stored: StoredSnapshot) -> StResult<()> {
         let sig = Some(stored.meta.signature());
+        let last = stored.meta.last_log_id;
         let bytes = encode(&stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        let last_bytes =
+            encode(&last).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         let db = self.inner.db.clone();
-        let res: Result<(), redb::Error> = tokio::task::spawn_blocking(move || {
+        let res: Result<bool, redb::Error> = tokio::task::spawn_blocking(move || {
             let txn = db.begin_write()?;
-            txn.open_table(SNAPSHOT)?
-                .insert(CURRENT, bytes.as_slice())?;
+            let written = {
+                let mut table = txn.open_table(SNAPSHOT)?;
+                let stored_last: Option<LogId> = match table.get(LAST_LOG_ID)? {
+                    Some(v) => {
+                        decode(v.value()).map_err(|e| redb::Error::Io(std::io::Error::other(e)))?
+                    }
+                    None => None,
+                };
+                if stored_last.is_some() && stored_last >= last {
+                    false
+                } else {
+                    table.insert(CURRENT, bytes.as_slice())?;
+                    table.insert(LAST_LOG_ID, last_bytes.as_slice())?;
+                    true
+                }
+            };
             txn.commit()?;
-            Ok(())
+            Ok(written)
         })
         .await
         .map_err(|e| redb::Error::Io(std::io::Error::other(e)))
         .and_then(|r| r);
-        res.map_err(|e| StorageIOError::write_snapshot(sig, &e).into())
+        match res {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::debug!(?last, "a newer snapshot is already stored; kept it");
+                Ok(())
+            }
+            Err(e) => Err(StorageIOError::write_snapshot(sig, &e).into()),
+        }
     }
 }
 
@@ -283,5 +310,37 @@ fn log_applied(node: NodeId, index: u64, cmd: &Command, reply: &Reply) {
                 tracing::info!(node, index, sequence = %req.sequence, error = %e, "refused allocation")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+
+    fn stored(index: u64) -> StoredSnapshot {
+        let last = LogId::new(CommittedLeaderId::new(1, 1), index);
+        StoredSnapshot {
+            meta: Meta {
+                last_log_id: Some(last),
+                last_membership: StoredMembership::new(Some(last), Membership::default()),
+                snapshot_id: format!("s-{index}"),
+            },
+            data: encode(&State::default()).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, sm) = crate::raft::open_store(dir.path()).unwrap();
+        sm.save_snapshot(stored(500)).await.unwrap();
+        sm.save_snapshot(stored(100)).await.unwrap();
+        let kept = sm.load_snapshot().unwrap().unwrap();
+        assert_eq!(kept.meta.last_log_id.map(|l| l.index), Some(500));
+        sm.save_snapshot(stored(600)).await.unwrap();
+        let kept = sm.load_snapshot().unwrap().unwrap();
+        assert_eq!(kept.meta.last_log_id.map(|l| l.index), Some(600));
     }
 }
