@@ -45,6 +45,15 @@ struct RawConfig {
     election_timeout_max_ms: u64,
     snapshot_logs: u64,
     logs_to_keep: u64,
+    client_heartbeat_interval_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure_timeout_ms: Option<u64>,
+    retain_messages: u32,
+    max_payload_bytes: u32,
+    max_clients: u32,
+    max_groups: u32,
+    max_members_per_group: u32,
+    subscriber_buffer: u32,
 }
 
 impl Default for RawConfig {
@@ -65,6 +74,14 @@ impl Default for RawConfig {
             election_timeout_max_ms: 800,
             snapshot_logs: 10_000,
             logs_to_keep: 1_000,
+            client_heartbeat_interval_ms: 1_000,
+            failure_timeout_ms: None,
+            retain_messages: 10_000,
+            max_payload_bytes: 1024 * 1024,
+            max_clients: 100_000,
+            max_groups: 10_000,
+            max_members_per_group: 1_000,
+            subscriber_buffer: 1_024,
         }
     }
 }
@@ -100,6 +117,16 @@ pub struct Config {
     pub snapshot_logs: u64,
     /// Log entries kept behind a snapshot, for slow followers.
     pub logs_to_keep: u64,
+    /// How often clients are told to send heartbeats.
+    pub client_heartbeat: Duration,
+    /// Silence after which the primary removes a client (default 2 x the heartbeat interval).
+    pub failure_timeout: Duration,
+    /// Largest Send payload.
+    pub max_payload_bytes: u32,
+    /// Deliveries queued per subscriber before it is cut off as too slow.
+    pub subscriber_buffer: usize,
+    /// Group limits, stamped into every group command.
+    pub group_limits: crate::state::GroupLimits,
 }
 
 /// A configuration problem, phrased as one line naming the key.
@@ -289,6 +316,44 @@ impl RawConfig {
         if self.snapshot_logs == 0 {
             return err("snapshot_logs", "must be at least 1".into());
         }
+        if !(10..=3_600_000).contains(&self.client_heartbeat_interval_ms) {
+            return err(
+                "client_heartbeat_interval_ms",
+                "must be 10..=3600000".into(),
+            );
+        }
+        let failure_timeout_ms = self
+            .failure_timeout_ms
+            .unwrap_or(2 * self.client_heartbeat_interval_ms);
+        if failure_timeout_ms <= self.client_heartbeat_interval_ms
+            || failure_timeout_ms > 86_400_000
+        {
+            return err(
+                "failure_timeout_ms",
+                format!(
+                    "must be above client_heartbeat_interval_ms ({}) and at most a day",
+                    self.client_heartbeat_interval_ms
+                ),
+            );
+        }
+        for (key, v) in [
+            ("retain_messages", self.retain_messages),
+            ("max_payload_bytes", self.max_payload_bytes),
+            ("max_clients", self.max_clients),
+            ("max_groups", self.max_groups),
+            ("max_members_per_group", self.max_members_per_group),
+            ("subscriber_buffer", self.subscriber_buffer),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1".into());
+            }
+        }
+        if self.max_payload_bytes > 16 * 1024 * 1024 {
+            return err(
+                "max_payload_bytes",
+                "must be at most 16777216 (16 MiB)".into(),
+            );
+        }
         Ok(Config {
             nodes,
             data_dir: self.data_dir,
@@ -301,6 +366,16 @@ impl RawConfig {
             election_timeout_max_ms: self.election_timeout_max_ms,
             snapshot_logs: self.snapshot_logs,
             logs_to_keep: self.logs_to_keep,
+            client_heartbeat: Duration::from_millis(self.client_heartbeat_interval_ms),
+            failure_timeout: Duration::from_millis(failure_timeout_ms),
+            max_payload_bytes: self.max_payload_bytes,
+            subscriber_buffer: self.subscriber_buffer as usize,
+            group_limits: crate::state::GroupLimits {
+                max_clients: self.max_clients,
+                max_groups: self.max_groups,
+                max_members_per_group: self.max_members_per_group,
+                retain_messages: self.retain_messages,
+            },
         })
     }
 }

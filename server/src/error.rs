@@ -25,6 +25,12 @@ pub enum Error {
     /// The node is stopping.
     #[error("unavailable: node is shutting down")]
     ShuttingDown,
+    /// The subscriber asked for deliveries the group no longer retains.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A subscriber did not keep up with its group.
+    #[error("{0}")]
+    SlowSubscriber(String),
     /// A bug or a storage failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -37,11 +43,19 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) | Error::Overloaded { .. } => Code::ResourceExhausted,
             Error::Rejected(r) => match r {
                 Rejected::InvalidName(_) | Rejected::ZeroCount => Code::InvalidArgument,
-                Rejected::TooManySequences { .. } | Rejected::Exhausted { .. } => {
-                    Code::ResourceExhausted
-                }
+                Rejected::TooManySequences { .. }
+                | Rejected::Exhausted { .. }
+                | Rejected::TooManyClients { .. }
+                | Rejected::TooManyGroups { .. }
+                | Rejected::TooManyMembers { .. } => Code::ResourceExhausted,
+                Rejected::Unauthenticated => Code::Unauthenticated,
+                Rejected::NotMember(_) => Code::PermissionDenied,
+                Rejected::UnknownGroup(_) => Code::NotFound,
+                Rejected::SenderSeqGap { .. } => Code::FailedPrecondition,
             },
             Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::SlowSubscriber(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -7,12 +7,15 @@
 
 pub mod allocator;
 pub mod api;
+pub mod batch;
 pub mod config;
 pub mod error;
+pub mod liveness;
 pub mod node;
 pub mod peer;
 pub mod proposer;
 pub mod raft;
+pub mod sender;
 pub mod state;
 
 pub use config::Config;

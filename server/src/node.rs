@@ -8,23 +8,29 @@ use std::sync::Arc;
 use openraft::BasicNode;
 use sequencer_proto::peer::peer_server::PeerServer;
 use sequencer_proto::v1::cluster_server::ClusterServer;
+use sequencer_proto::v1::messenger_server::MessengerServer;
 use sequencer_proto::v1::sequencer_server::SequencerServer;
+use sequencer_proto::v1::tracker_server::TrackerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use crate::allocator::Allocator;
+use crate::allocator::{AllocPlan, Allocator};
 use crate::api::cluster::ClusterApi;
 use crate::api::health::watch_primary;
+use crate::api::messenger::MessengerApi;
 use crate::api::sequencer::SequencerApi;
+use crate::api::tracker::TrackerApi;
 use crate::config::Config;
 use crate::error::Error;
+use crate::liveness::Liveness;
 use crate::peer::{PeerClients, PeerService, PEER_MESSAGE_LIMIT};
 use crate::proposer::Proposer;
 use crate::raft::network::Network;
 use crate::raft::{open_store, raft_config, NodeId, Raft};
+use crate::sender::{SendPlan, Sender};
 
 /// The two bound listeners of a node.
 pub struct Listeners {
@@ -69,12 +75,36 @@ pub async fn run(
     let (stop_peers, stop_peers_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let proposer = Proposer::new(id, raft.clone(), peers.clone(), config.request_timeout);
-    let mut batcher = JoinSet::new();
+    // Batchers end once the client listener has stopped and dropped its handles.
+    let mut batchers = JoinSet::new();
     let allocator = Allocator::start(
+        AllocPlan {
+            max_sequences: config.max_sequences,
+        },
         proposer.clone(),
         config.queue_capacity,
-        config.max_sequences,
-        &mut batcher,
+        &mut batchers,
+    );
+    let sender = Sender::start(
+        SendPlan {
+            limits: config.group_limits,
+        },
+        proposer.clone(),
+        config.queue_capacity,
+        &mut batchers,
+    );
+    let liveness = Liveness::new(
+        raft.clone(),
+        reader.clone(),
+        peers.clone(),
+        proposer.clone(),
+        config.failure_timeout,
+        config.request_timeout,
+    );
+    tasks.spawn(
+        liveness
+            .clone()
+            .run_detector(config.group_limits, stop_peers_rx.clone()),
     );
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -96,9 +126,25 @@ pub async fn run(
         .add_service(SequencerServer::new(SequencerApi::new(
             id,
             allocator,
-            reader,
+            reader.clone(),
             config.max_batch,
             config.max_sequences,
+        )))
+        .add_service(TrackerServer::new(TrackerApi::new(
+            proposer.clone(),
+            reader.clone(),
+            liveness.clone(),
+            config.group_limits,
+            config.client_heartbeat,
+            config.failure_timeout,
+        )))
+        .add_service(MessengerServer::new(MessengerApi::new(
+            sender,
+            reader,
+            proposer.clone(),
+            config.max_payload_bytes,
+            config.subscriber_buffer,
+            stop_clients_rx.clone(),
         )))
         .add_service(ClusterServer::new(ClusterApi::new(
             id,
@@ -110,7 +156,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_clients_rx));
     let peer_server = Server::builder()
         .add_service(
-            PeerServer::new(PeerService::new(id, raft.clone(), proposer))
+            PeerServer::new(PeerService::new(id, raft.clone(), proposer, liveness))
                 .max_decoding_message_size(PEER_MESSAGE_LIMIT)
                 .max_encoding_message_size(PEER_MESSAGE_LIMIT),
         )
@@ -124,7 +170,7 @@ pub async fn run(
     // wait for. Then Raft, then the peer listener, so this node starts no election on its way out.
     let _ = stop_clients.send(true);
     report(id, "client", client_task.await);
-    while batcher.join_next().await.is_some() {}
+    while batchers.join_next().await.is_some() {}
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(node = id, error = %e, "raft shutdown");
     }

@@ -114,6 +114,54 @@ impl Proposer {
         }
     }
 
+    /// Commits `command` and waits until this node has applied it; returns the reply.
+    pub async fn commit(&self, command: Command) -> Result<Reply, Error> {
+        let committed = self.propose(command, self.deadline()).await?;
+        self.wait_applied(committed.index).await?;
+        Ok(committed.reply)
+    }
+
+    /// Waits until this node has applied everything the primary had committed when this was
+    /// called: after it, a local read sees every write acknowledged before.
+    pub async fn read_barrier(&self) -> Result<(), Error> {
+        let deadline = self.deadline();
+        loop {
+            let primary = self.raft.metrics().borrow().current_leader;
+            let index = match primary {
+                Some(p) if p == self.id => self.read_index_here().await,
+                Some(p) => match self.peers.get(p) {
+                    Some(peer) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        peer.call::<_, Option<u64>>(PeerRpc::ReadIndex, &(), left)
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                    None => None,
+                },
+                None => None,
+            };
+            if let Some(index) = index {
+                return self.wait_applied(index).await;
+            }
+            if Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(Error::Unavailable(
+                    "no primary confirmed a read index".into(),
+                ));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// On the primary: confirms leadership with a quorum; the index reads must wait for.
+    pub async fn read_index_here(&self) -> Option<u64> {
+        let read = timeout_at(self.deadline(), self.raft.ensure_linearizable()).await;
+        match read {
+            Ok(Ok(log_id)) => Some(log_id.map(|l| l.index).unwrap_or(0)),
+            _ => None,
+        }
+    }
+
     /// Waits until this node has applied `index`, so its reply matches its own state.
     pub async fn wait_applied(&self, index: u64) -> Result<(), Error> {
         self.raft

@@ -2,18 +2,28 @@
 //! the story at info level: who is primary, and when that changes.
 
 use sequencer_proto::v1::cluster_server::ClusterServer;
+use sequencer_proto::v1::messenger_server::MessengerServer;
 use sequencer_proto::v1::sequencer_server::SequencerServer;
+use sequencer_proto::v1::tracker_server::TrackerServer;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::raft::{NodeId, Raft};
 
 /// The service names health reports on, besides the whole server ("").
-fn services() -> [&'static str; 3] {
+fn services() -> [&'static str; 5] {
     use tonic::server::NamedService;
     type Seq = SequencerServer<super::sequencer::SequencerApi>;
     type Clu = ClusterServer<super::cluster::ClusterApi>;
-    ["", <Seq as NamedService>::NAME, <Clu as NamedService>::NAME]
+    type Tra = TrackerServer<super::tracker::TrackerApi>;
+    type Mes = MessengerServer<super::messenger::MessengerApi>;
+    [
+        "",
+        <Seq as NamedService>::NAME,
+        <Clu as NamedService>::NAME,
+        <Tra as NamedService>::NAME,
+        <Mes as NamedService>::NAME,
+    ]
 }
 
 async fn set_all(reporter: &HealthReporter, status: ServingStatus) {

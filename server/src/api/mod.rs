@@ -3,7 +3,23 @@
 
 pub mod cluster;
 pub mod health;
+pub mod messenger;
 pub mod sequencer;
+pub mod tracker;
+
+use crate::error::Error;
+use crate::state::valid_name;
+
+/// `raw` if it is a valid name, else INVALID_ARGUMENT saying what `what` must look like.
+pub(crate) fn checked_name(raw: String, what: &str) -> Result<String, Error> {
+    if valid_name(&raw) {
+        return Ok(raw);
+    }
+    let shown: String = raw.chars().take(80).collect();
+    Err(Error::InvalidArgument(format!(
+        "invalid {what} {shown:?}: must match [A-Za-z0-9._-]{{1,64}}"
+    )))
+}
 
 /// Node ids are u64 in Raft and u32 on the wire; config validation keeps them within u32.
 pub(crate) fn wire_id(id: u64) -> u32 {

@@ -6,12 +6,12 @@ use sequencer_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::wire_id;
+use super::{checked_name, wire_id};
 use crate::allocator::Allocator;
 use crate::error::Error;
 use crate::raft::state_machine::StateReader;
 use crate::raft::NodeId;
-use crate::state::{valid_sequence_name, Rejected, DEFAULT_SEQUENCE};
+use crate::state::{AllocRequest, Rejected, DEFAULT_SEQUENCE};
 
 /// The id service of one node.
 pub struct SequencerApi {
@@ -71,13 +71,7 @@ fn sequence_name(raw: String) -> Result<String, Error> {
     if raw.is_empty() {
         return Ok(DEFAULT_SEQUENCE.to_string());
     }
-    if valid_sequence_name(&raw) {
-        return Ok(raw);
-    }
-    let shown: String = raw.chars().take(80).collect();
-    Err(Error::InvalidArgument(format!(
-        "invalid sequence name {shown:?}: must match [A-Za-z0-9._-]{{1,64}}"
-    )))
+    checked_name(raw, "sequence name")
 }
 
 #[tonic::async_trait]
@@ -85,7 +79,10 @@ impl Sequencer for SequencerApi {
     async fn get_id(&self, req: Request<GetIdRequest>) -> Result<Response<GetIdResponse>, Status> {
         let sequence = sequence_name(req.into_inner().sequence)?;
         self.check_room(&sequence)?;
-        let grant = self.allocator.allocate(sequence, 1).await?;
+        let grant = self
+            .allocator
+            .submit(AllocRequest { sequence, count: 1 })
+            .await?;
         Ok(Response::new(GetIdResponse {
             id: grant.first,
             served_by: wire_id(self.id),
@@ -101,7 +98,10 @@ impl Sequencer for SequencerApi {
         let count = self.count(req.count)?;
         let sequence = sequence_name(req.sequence)?;
         self.check_room(&sequence)?;
-        let grant = self.allocator.allocate(sequence, count).await?;
+        let grant = self
+            .allocator
+            .submit(AllocRequest { sequence, count })
+            .await?;
         Ok(Response::new(GetIdsResponse {
             first: grant.first,
             count: req.count,

@@ -21,6 +21,8 @@ pub enum PeerRpc {
     Vote,
     InstallSnapshot,
     Propose,
+    Heartbeat,
+    ReadIndex,
 }
 
 /// Why a peer call failed.
@@ -61,6 +63,8 @@ impl PeerClient {
             PeerRpc::Vote => grpc.vote(request).await,
             PeerRpc::InstallSnapshot => grpc.install_snapshot(request).await,
             PeerRpc::Propose => grpc.propose(request).await,
+            PeerRpc::Heartbeat => grpc.heartbeat(request).await,
+            PeerRpc::ReadIndex => grpc.read_index(request).await,
         };
         let msg = res.map_err(|s| self.status_error(s))?.into_inner();
         decode(&msg.data).map_err(|e| PeerError::Codec(self.target, e.to_string()))

@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use crate::liveness::{HeartbeatMsg, Liveness};
 use crate::proposer::Proposer;
 use crate::raft::codec::{decode, encode};
 use crate::raft::{NodeId, Raft, TypeConfig};
@@ -17,11 +18,17 @@ pub struct PeerService {
     id: NodeId,
     raft: Raft,
     proposer: Proposer,
+    liveness: Liveness,
 }
 
 impl PeerService {
-    pub fn new(id: NodeId, raft: Raft, proposer: Proposer) -> Self {
-        Self { id, raft, proposer }
+    pub fn new(id: NodeId, raft: Raft, proposer: Proposer, liveness: Liveness) -> Self {
+        Self {
+            id,
+            raft,
+            proposer,
+            liveness,
+        }
     }
 }
 
@@ -61,6 +68,18 @@ impl Peer for PeerService {
     async fn propose(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let command: Command = parse(req)?;
         reply(&self.proposer.propose_forwarded(command).await)
+    }
+
+    async fn heartbeat(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let msg: HeartbeatMsg = parse(req)?;
+        reply(&self.liveness.heartbeat_here(&msg).await)
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        reply(&self.proposer.read_index_here().await)
     }
 
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {

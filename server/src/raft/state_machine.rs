@@ -15,6 +15,7 @@ use openraft::{
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
 use super::codec::{decode, encode};
 use super::{LogId, NodeId, TypeConfig};
@@ -48,6 +49,8 @@ struct StoredSnapshot {
 struct Inner {
     db: Arc<Database>,
     applied: RwLock<Applied>,
+    /// Names of groups whose streams grew; "" after a snapshot install (anything may have).
+    grown: broadcast::Sender<Arc<str>>,
     snapshots_built: AtomicU64,
     node_id: AtomicU64,
 }
@@ -69,7 +72,15 @@ impl StateReader {
     pub fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
         f(&self.inner.applied.read().unwrap_or_else(|p| p.into_inner()))
     }
+
+    /// Wake-ups for subscribers: the name of each group whose stream grew, as it is applied.
+    pub fn watch_groups(&self) -> broadcast::Receiver<Arc<str>> {
+        self.inner.grown.subscribe()
+    }
 }
+
+/// Wake-ups buffered per subscriber; one that falls further behind re-reads the state.
+const WAKEUP_BUFFER: usize = 4096;
 
 impl StateMachine {
     pub(super) fn open(db: Arc<Database>) -> Result<Self, Error> {
@@ -82,6 +93,7 @@ impl StateMachine {
             inner: Arc::new(Inner {
                 db,
                 applied: RwLock::default(),
+                grown: broadcast::channel(WAKEUP_BUFFER).0,
                 snapshots_built: AtomicU64::new(0),
                 node_id: AtomicU64::new(0),
             }),
@@ -224,6 +236,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let node = self.inner.node_id.load(Ordering::Relaxed);
         let mut replies = Vec::new();
+        let mut touched = Vec::new();
         let mut applied = self.write_applied();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
@@ -234,12 +247,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Reply::None
                 }
                 EntryPayload::Normal(cmd) => {
-                    let reply = applied.state.apply(&cmd);
+                    let reply = applied.state.apply(&cmd, &mut touched);
                     log_applied(node, entry.log_id.index, &cmd, &reply);
                     reply
                 }
             };
             replies.push(reply);
+        }
+        drop(applied);
+        touched.dedup();
+        for group in touched {
+            // No receiver is fine: nobody subscribes to that group here.
+            let _ = self.inner.grown.send(Arc::from(group));
         }
         Ok(replies)
     }
@@ -270,6 +289,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
             state,
         };
+        let _ = self.inner.grown.send(Arc::from(""));
         tracing::info!(
             node = self.inner.node_id.load(Ordering::Relaxed),
             index = meta.last_log_id.map(|l| l.index),

@@ -16,8 +16,8 @@ pub struct AllocRequest {
     pub count: u64,
 }
 
-/// `[A-Za-z0-9._-]{1,64}`.
-pub fn valid_sequence_name(name: &str) -> bool {
+/// Names of sequences, groups and clients: `[A-Za-z0-9._-]{1,64}`.
+pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()
@@ -33,7 +33,7 @@ pub struct Sequences {
 impl Sequences {
     /// Hands out `count` ids and returns the first. Changes nothing when it refuses.
     pub fn allocate(&mut self, req: &AllocRequest, max_sequences: u32) -> Result<u64, Rejected> {
-        if !valid_sequence_name(&req.sequence) {
+        if !valid_name(&req.sequence) {
             return Err(Rejected::InvalidName(req.sequence.clone()));
         }
         if req.count == 0 {
@@ -116,11 +116,11 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(valid_sequence_name("orders.v2_x-1"));
-        assert!(valid_sequence_name(&"a".repeat(64)));
-        assert!(!valid_sequence_name(&"a".repeat(65)));
-        assert!(!valid_sequence_name(""));
-        assert!(!valid_sequence_name("a b"));
-        assert!(!valid_sequence_name("é"));
+        assert!(valid_name("orders.v2_x-1"));
+        assert!(valid_name(&"a".repeat(64)));
+        assert!(!valid_name(&"a".repeat(65)));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name("é"));
     }
 }

@@ -1,0 +1,191 @@
+//! Client liveness: heartbeats reach the primary (from any node) and live only in its memory;
+//! the primary's detector writes the removal of silent clients into the log as a `Fail`.
+//!
+//! A node that becomes primary starts every client's timeout afresh, so a failover never
+//! removes a client that was heartbeating to the old primary.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::{sleep, Instant};
+
+use crate::error::Error;
+use crate::peer::{PeerClients, PeerError, PeerRpc};
+use crate::proposer::Proposer;
+use crate::raft::state_machine::StateReader;
+use crate::raft::{NodeId, Raft};
+use crate::state::{Command, GroupLimits, Rejected};
+
+/// A heartbeat as it travels to the primary.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HeartbeatMsg {
+    pub client_id: u64,
+    pub token_hash: String,
+}
+
+/// The primary's answer to a forwarded heartbeat.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum HeartbeatOutcome {
+    Accepted,
+    NotPrimary,
+    Rejected(Rejected),
+}
+
+/// Heartbeats and the failure detector of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Liveness {
+    id: NodeId,
+    raft: Raft,
+    reader: StateReader,
+    peers: PeerClients,
+    proposer: Proposer,
+    /// Last heartbeat per client, kept only while this node is primary.
+    seen: Arc<Mutex<HashMap<u64, Instant>>>,
+    failure_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl Liveness {
+    pub fn new(
+        raft: Raft,
+        reader: StateReader,
+        peers: PeerClients,
+        proposer: Proposer,
+        failure_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Self {
+        Self {
+            id: proposer.id(),
+            raft,
+            reader,
+            peers,
+            proposer,
+            seen: Arc::default(),
+            failure_timeout,
+            request_timeout,
+        }
+    }
+
+    /// Records a heartbeat, passing it to the primary if this node is not.
+    pub async fn heartbeat(&self, client_id: u64, token_hash: String) -> Result<(), Error> {
+        let deadline = Instant::now() + self.request_timeout;
+        let msg = HeartbeatMsg {
+            client_id,
+            token_hash,
+        };
+        loop {
+            let primary = self.raft.metrics().borrow().current_leader;
+            let outcome = match primary {
+                Some(p) if p == self.id => self.heartbeat_here(&msg).await,
+                Some(p) => match self.peers.get(p) {
+                    Some(peer) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match peer.call(PeerRpc::Heartbeat, &msg, left).await {
+                            Ok(o) => o,
+                            Err(PeerError::Unreachable(..)) => HeartbeatOutcome::NotPrimary,
+                            Err(e) => return Err(Error::Internal(e.to_string())),
+                        }
+                    }
+                    None => {
+                        return Err(Error::Internal(format!("primary {p} is not in the config")))
+                    }
+                },
+                None => HeartbeatOutcome::NotPrimary,
+            };
+            match outcome {
+                HeartbeatOutcome::Accepted => return Ok(()),
+                HeartbeatOutcome::Rejected(r) => return Err(r.into()),
+                HeartbeatOutcome::NotPrimary if Instant::now() >= deadline => {
+                    return Err(Error::Unavailable(
+                        "no primary to take the heartbeat".into(),
+                    ))
+                }
+                HeartbeatOutcome::NotPrimary => sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// On the primary: authenticates the client and records the heartbeat.
+    pub async fn heartbeat_here(&self, msg: &HeartbeatMsg) -> HeartbeatOutcome {
+        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+            return HeartbeatOutcome::NotPrimary;
+        }
+        let check = || {
+            self.reader
+                .read(|a| a.state.groups.check_token(msg.client_id, &msg.token_hash))
+        };
+        let mut res = check();
+        if res.is_err() {
+            // A registration committed elsewhere may not be applied here yet.
+            if self.proposer.read_barrier().await.is_err() {
+                return HeartbeatOutcome::NotPrimary;
+            }
+            res = check();
+        }
+        match res {
+            Ok(()) => {
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(msg.client_id, Instant::now());
+                HeartbeatOutcome::Accepted
+            }
+            Err(r) => HeartbeatOutcome::Rejected(r),
+        }
+    }
+
+    /// The failure detector; runs on every node and acts only while it is primary.
+    pub async fn run_detector(self, limits: GroupLimits, mut stop: watch::Receiver<bool>) {
+        let every =
+            (self.failure_timeout / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let mut leading_term = None;
+        loop {
+            tokio::select! {
+                _ = sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let (leader, term) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.current_term)
+            };
+            if leader != Some(self.id) {
+                leading_term = None;
+                self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                continue;
+            }
+            let now = Instant::now();
+            let clients = self.reader.read(|a| a.state.groups.client_ids());
+            let expired: Vec<u64> = {
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                if leading_term != Some(term) {
+                    // New primary: every client gets a full timeout from now.
+                    seen.clear();
+                    leading_term = Some(term);
+                }
+                seen.retain(|id, _| clients.binary_search(id).is_ok());
+                clients
+                    .iter()
+                    .filter(|id| {
+                        now.duration_since(*seen.entry(**id).or_insert(now)) > self.failure_timeout
+                    })
+                    .copied()
+                    .collect()
+            };
+            if expired.is_empty() {
+                continue;
+            }
+            tracing::info!(node = self.id, clients = ?expired, "removing clients that stopped sending heartbeats");
+            let cmd = Command::Fail {
+                client_ids: expired,
+                limits,
+            };
+            if let Err(e) = self.proposer.propose(cmd, self.proposer.deadline()).await {
+                tracing::warn!(node = self.id, error = %e, "could not record failed clients; will retry");
+            }
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! Clients, groups, members, and each group's totally ordered stream of deliveries.
+//!
+//! Every change to a group appends a [`Delivery`] with the group's next `group_seq`, so
+//! messages and membership events share one dense order. Tokens are stored as SHA-256 hashes.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{valid_name, Rejected};
+
+/// How many accepted (sender_seq, group_seq) pairs a sender keeps for answering retries.
+const RECENT_SENDS: usize = 1024;
+
+/// Limits the primary stamps into each command, so every node decides alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLimits {
+    pub max_clients: u32,
+    pub max_groups: u32,
+    pub max_members_per_group: u32,
+    pub retain_messages: u32,
+}
+
+/// What a delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    Message,
+    Joined,
+    Left,
+    Failed,
+}
+
+/// One entry of a group's stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub group_seq: u64,
+    pub sender_id: u64,
+    pub sender_name: String,
+    /// 0 for membership events.
+    pub sender_seq: u64,
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+/// A member as listed by the tracker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub client_id: u64,
+    pub name: String,
+    pub joined_at_seq: u64,
+}
+
+/// The answer to a Join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    pub next_seq: u64,
+    pub members: Vec<Member>,
+    pub next_sender_seq: u64,
+}
+
+/// The answer to one Send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    pub group_seq: u64,
+    pub duplicate: bool,
+}
+
+/// One Send of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub client_id: u64,
+    pub token_hash: String,
+    pub group: String,
+    pub sender_seq: u64,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct ClientRecord {
+    name: String,
+    token_hash: String,
+    groups: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SenderState {
+    next_sender_seq: u64,
+    recent: VecDeque<(u64, u64)>,
+}
+
+impl Default for SenderState {
+    fn default() -> Self {
+        Self {
+            next_sender_seq: 1,
+            recent: VecDeque::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Group {
+    next_seq: u64,
+    members: BTreeMap<u64, Member>,
+    senders: BTreeMap<u64, SenderState>,
+    retained: VecDeque<Delivery>,
+}
+
+impl Group {
+    fn new() -> Self {
+        Self {
+            next_seq: 1,
+            members: BTreeMap::new(),
+            senders: BTreeMap::new(),
+            retained: VecDeque::new(),
+        }
+    }
+
+    fn append(&mut self, mut d: Delivery, retain: u32, events: &mut Vec<u64>) -> u64 {
+        d.group_seq = self.next_seq;
+        self.next_seq += 1;
+        events.push(d.group_seq);
+        self.retained.push_back(d);
+        while self.retained.len() > retain.max(1) as usize {
+            self.retained.pop_front();
+        }
+        self.next_seq - 1
+    }
+
+    fn event(
+        &mut self,
+        kind: Kind,
+        client_id: u64,
+        name: &str,
+        retain: u32,
+        events: &mut Vec<u64>,
+    ) -> u64 {
+        let d = Delivery {
+            group_seq: 0,
+            sender_id: client_id,
+            sender_name: name.to_string(),
+            sender_seq: 0,
+            kind,
+            payload: Vec::new(),
+        };
+        self.append(d, retain, events)
+    }
+
+    /// The oldest group_seq still retained (next_seq when nothing is).
+    fn oldest(&self) -> u64 {
+        self.retained
+            .front()
+            .map(|d| d.group_seq)
+            .unwrap_or(self.next_seq)
+    }
+}
+
+/// Groups whose streams grew while applying one command, for waking subscribers.
+pub type Touched = Vec<String>;
+
+/// The tracker's and messenger's replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Groups {
+    next_client_id: u64,
+    clients: BTreeMap<u64, ClientRecord>,
+    groups: BTreeMap<String, Group>,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Self {
+            next_client_id: 1,
+            clients: BTreeMap::new(),
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
+/// The stored form of a token: its SHA-256, hex.
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What a subscriber can read of a group at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    pub deliveries: Vec<Delivery>,
+    pub oldest: u64,
+    pub next_seq: u64,
+}
+
+impl Groups {
+    fn authenticate(&self, client_id: u64, token_hash: &str) -> Result<&ClientRecord, Rejected> {
+        match self.clients.get(&client_id) {
+            Some(c) if c.token_hash == token_hash => Ok(c),
+            _ => Err(Rejected::Unauthenticated),
+        }
+    }
+
+    /// Whether `token_hash` belongs to `client_id`.
+    pub fn check_token(&self, client_id: u64, token_hash: &str) -> Result<(), Rejected> {
+        self.authenticate(client_id, token_hash).map(|_| ())
+    }
+
+    /// Whether `client_id` is a member of `group` (after authenticating it).
+    pub fn check_member(
+        &self,
+        client_id: u64,
+        token_hash: &str,
+        group: &str,
+    ) -> Result<(), Rejected> {
+        self.authenticate(client_id, token_hash)?;
+        let g = self
+            .groups
+            .get(group)
+            .ok_or_else(|| Rejected::UnknownGroup(group.to_string()))?;
+        if g.members.contains_key(&client_id) {
+            Ok(())
+        } else {
+            Err(Rejected::NotMember(group.to_string()))
+        }
+    }
+
+    pub fn register(
+        &mut self,
+        name: &str,
+        token_hash: &str,
+        limits: &GroupLimits,
+    ) -> Result<u64, Rejected> {
+        if !valid_name(name) {
+            return Err(Rejected::InvalidName(name.to_string()));
+        }
+        if self.clients.len() >= limits.max_clients as usize {
+            return Err(Rejected::TooManyClients {
+                max: limits.max_clients,
+            });
+        }
+        let id = self.next_client_id;
+        self.next_client_id += 1;
+        self.clients.insert(
+            id,
+            ClientRecord {
+                name: name.to_string(),
+                token_hash: token_hash.to_string(),
+                groups: BTreeSet::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn join(
+        &mut self,
+        client_id: u64,
+        token_hash: &str,
+        group: &str,
+        limits: &GroupLimits,
+        touched: &mut Touched,
+    ) -> Result<Joined, Rejected> {
+        let name = self.authenticate(client_id, token_hash)?.name.clone();
+        if !valid_name(group) {
+            return Err(Rejected::InvalidName(group.to_string()));
+        }
+        if !self.groups.contains_key(group) && self.groups.len() >= limits.max_groups as usize {
+            return Err(Rejected::TooManyGroups {
+                max: limits.max_groups,
+            });
+        }
+        let g = self
+            .groups
+            .entry(group.to_string())
+            .or_insert_with(Group::new);
+        if !g.members.contains_key(&client_id) {
+            if g.members.len() >= limits.max_members_per_group as usize {
+                // The group may have just been created for this join; it stays, empty.
+                return Err(Rejected::TooManyMembers {
+                    max: limits.max_members_per_group,
+                });
+            }
+            let mut seqs = Vec::new();
+            let at = g.event(
+                Kind::Joined,
+                client_id,
+                &name,
+                limits.retain_messages,
+                &mut seqs,
+            );
+            g.members.insert(
+                client_id,
+                Member {
+                    client_id,
+                    name,
+                    joined_at_seq: at,
+                },
+            );
+            touched.push(group.to_string());
+            if let Some(c) = self.clients.get_mut(&client_id) {
+                c.groups.insert(group.to_string());
+            }
+        }
+        let g = &self.groups[group];
+        Ok(Joined {
+            next_seq: g.next_seq,
+            members: g.members.values().cloned().collect(),
+            next_sender_seq: g
+                .senders
+                .get(&client_id)
+                .map(|s| s.next_sender_seq)
+                .unwrap_or(1),
+        })
+    }
+
+    pub fn leave(
+        &mut self,
+        client_id: u64,
+        token_hash: &str,
+        group: &str,
+        limits: &GroupLimits,
+        touched: &mut Touched,
+    ) -> Result<(), Rejected> {
+        self.check_member(client_id, token_hash, group)?;
+        self.remove_member(client_id, group, Kind::Left, limits, touched);
+        Ok(())
+    }
+
+    pub fn unregister(
+        &mut self,
+        client_id: u64,
+        token_hash: &str,
+        limits: &GroupLimits,
+        touched: &mut Touched,
+    ) -> Result<(), Rejected> {
+        self.authenticate(client_id, token_hash)?;
+        self.drop_client(client_id, Kind::Left, limits, touched);
+        Ok(())
+    }
+
+    /// Removes clients that stopped sending heartbeats, with a FAILED event in each group.
+    pub fn fail(&mut self, client_ids: &[u64], limits: &GroupLimits, touched: &mut Touched) {
+        for &id in client_ids {
+            self.drop_client(id, Kind::Failed, limits, touched);
+        }
+    }
+
+    fn drop_client(
+        &mut self,
+        client_id: u64,
+        kind: Kind,
+        limits: &GroupLimits,
+        touched: &mut Touched,
+    ) {
+        let groups = match self.clients.get(&client_id) {
+            Some(c) => c.groups.clone(),
+            None => return,
+        };
+        for group in groups {
+            self.remove_member(client_id, &group, kind, limits, touched);
+        }
+        self.clients.remove(&client_id);
+    }
+
+    fn remove_member(
+        &mut self,
+        client_id: u64,
+        group: &str,
+        kind: Kind,
+        limits: &GroupLimits,
+        touched: &mut Touched,
+    ) {
+        let Some(g) = self.groups.get_mut(group) else {
+            return;
+        };
+        let Some(member) = g.members.remove(&client_id) else {
+            return;
+        };
+        g.senders.remove(&client_id);
+        let mut seqs = Vec::new();
+        g.event(
+            kind,
+            client_id,
+            &member.name,
+            limits.retain_messages,
+            &mut seqs,
+        );
+        touched.push(group.to_string());
+        if let Some(c) = self.clients.get_mut(&client_id) {
+            c.groups.remove(group);
+        }
+    }
+
+    pub fn send(
+        &mut self,
+        req: &SendRequest,
+        limits: &GroupLimits,
+        touched: &mut Touched,
+    ) -> Result<Sent, Rejected> {
+        self.check_member(req.client_id, &req.token_hash, &req.group)?;
+        let name = self.clients[&req.client_id].name.clone();
+        let g = self.groups.get_mut(&req.group).expect("checked above");
+        let sender = g.senders.entry(req.client_id).or_default();
+        if req.sender_seq < sender.next_sender_seq {
+            let group_seq = sender
+                .recent
+                .iter()
+                .find(|(s, _)| *s == req.sender_seq)
+                .map(|(_, g)| *g)
+                .unwrap_or(0);
+            return Ok(Sent {
+                group_seq,
+                duplicate: true,
+            });
+        }
+        if req.sender_seq > sender.next_sender_seq {
+            return Err(Rejected::SenderSeqGap {
+                expected: sender.next_sender_seq,
+                got: req.sender_seq,
+            });
+        }
+        sender.next_sender_seq += 1;
+        let d = Delivery {
+            group_seq: 0,
+            sender_id: req.client_id,
+            sender_name: name,
+            sender_seq: req.sender_seq,
+            kind: Kind::Message,
+            payload: req.payload.clone(),
+        };
+        let mut seqs = Vec::new();
+        let group_seq = g.append(d, limits.retain_messages, &mut seqs);
+        let sender = g.senders.get_mut(&req.client_id).expect("inserted above");
+        sender.recent.push_back((req.sender_seq, group_seq));
+        if sender.recent.len() > RECENT_SENDS {
+            sender.recent.pop_front();
+        }
+        touched.push(req.group.clone());
+        Ok(Sent {
+            group_seq,
+            duplicate: false,
+        })
+    }
+
+    /// Every group: (name, member count, next_seq).
+    pub fn list(&self) -> Vec<(String, usize, u64)> {
+        self.groups
+            .iter()
+            .map(|(n, g)| (n.clone(), g.members.len(), g.next_seq))
+            .collect()
+    }
+
+    /// The members of `group`.
+    pub fn members(&self, group: &str) -> Option<Vec<Member>> {
+        self.groups
+            .get(group)
+            .map(|g| g.members.values().cloned().collect())
+    }
+
+    /// Retained deliveries of `group` with group_seq >= `from`, at most `max` of them.
+    pub fn read(&self, group: &str, from: u64, max: usize) -> Option<Slice> {
+        let g = self.groups.get(group)?;
+        let oldest = g.oldest();
+        let skip = from.saturating_sub(oldest) as usize;
+        Some(Slice {
+            deliveries: g.retained.iter().skip(skip).take(max).cloned().collect(),
+            oldest,
+            next_seq: g.next_seq,
+        })
+    }
+
+    /// Every registered client id.
+    pub fn client_ids(&self) -> Vec<u64> {
+        self.clients.keys().copied().collect()
+    }
+
+    /// Whether `client_id` is registered.
+    pub fn has_client(&self, client_id: u64) -> bool {
+        self.clients.contains_key(&client_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: GroupLimits = GroupLimits {
+        max_clients: 10,
+        max_groups: 2,
+        max_members_per_group: 2,
+        retain_messages: 3,
+    };
+
+    fn send(
+        g: &mut Groups,
+        client_id: u64,
+        token: &str,
+        sender_seq: u64,
+    ) -> Result<Sent, Rejected> {
+        let req = SendRequest {
+            client_id,
+            token_hash: hash_token(token),
+            group: "g".into(),
+            sender_seq,
+            payload: vec![sender_seq as u8],
+        };
+        g.send(&req, &LIMITS, &mut Vec::new())
+    }
+
+    #[test]
+    fn membership_and_messages_share_one_dense_order() {
+        let mut g = Groups::default();
+        let a = g.register("alice", &hash_token("ta"), &LIMITS).unwrap();
+        let b = g.register("bob", &hash_token("tb"), &LIMITS).unwrap();
+        let j = g
+            .join(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        assert_eq!((j.next_seq, j.next_sender_seq), (2, 1));
+        g.join(b, &hash_token("tb"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        assert_eq!(
+            send(&mut g, a, "ta", 1),
+            Ok(Sent {
+                group_seq: 3,
+                duplicate: false
+            })
+        );
+        assert_eq!(
+            send(&mut g, b, "tb", 1),
+            Ok(Sent {
+                group_seq: 4,
+                duplicate: false
+            })
+        );
+        // A retry is answered with the original seq and adds nothing.
+        assert_eq!(
+            send(&mut g, a, "ta", 1),
+            Ok(Sent {
+                group_seq: 3,
+                duplicate: true
+            })
+        );
+        assert_eq!(
+            send(&mut g, a, "ta", 3),
+            Err(Rejected::SenderSeqGap {
+                expected: 2,
+                got: 3
+            })
+        );
+        g.fail(&[b], &LIMITS, &mut Vec::new());
+        let slice = g.read("g", 1, 100).unwrap();
+        // Retention keeps the last 3 of 5 deliveries.
+        assert_eq!(slice.oldest, 3);
+        let kinds: Vec<_> = slice
+            .deliveries
+            .iter()
+            .map(|d| (d.group_seq, d.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(3, Kind::Message), (4, Kind::Message), (5, Kind::Failed)]
+        );
+        assert!(!g.has_client(b));
+    }
+
+    #[test]
+    fn access_and_limits_are_enforced_and_refusals_change_nothing() {
+        let mut g = Groups::default();
+        let a = g.register("alice", &hash_token("ta"), &LIMITS).unwrap();
+        let b = g.register("bob", &hash_token("tb"), &LIMITS).unwrap();
+        let c = g.register("carol", &hash_token("tc"), &LIMITS).unwrap();
+        g.join(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        let before = g.clone();
+        assert_eq!(send(&mut g, a, "wrong", 1), Err(Rejected::Unauthenticated));
+        assert_eq!(
+            send(&mut g, b, "tb", 1),
+            Err(Rejected::NotMember("g".into()))
+        );
+        assert_eq!(
+            g.leave(b, &hash_token("tb"), "nope", &LIMITS, &mut Vec::new()),
+            Err(Rejected::UnknownGroup("nope".into()))
+        );
+        assert!(matches!(
+            g.join(a, &hash_token("ta"), "bad name", &LIMITS, &mut Vec::new()),
+            Err(Rejected::InvalidName(_))
+        ));
+        assert_eq!(g, before);
+        g.join(b, &hash_token("tb"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        assert_eq!(
+            g.join(c, &hash_token("tc"), "g", &LIMITS, &mut Vec::new()),
+            Err(Rejected::TooManyMembers { max: 2 })
+        );
+        g.join(a, &hash_token("ta"), "h", &LIMITS, &mut Vec::new())
+            .unwrap();
+        assert_eq!(
+            g.join(a, &hash_token("ta"), "i", &LIMITS, &mut Vec::new()),
+            Err(Rejected::TooManyGroups { max: 2 })
+        );
+    }
+
+    #[test]
+    fn leaving_resets_the_sender_sequence() {
+        let mut g = Groups::default();
+        let a = g.register("alice", &hash_token("ta"), &LIMITS).unwrap();
+        g.join(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        send(&mut g, a, "ta", 1).unwrap();
+        g.leave(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        let j = g
+            .join(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        assert_eq!(j.next_sender_seq, 1);
+    }
+}
