@@ -19,7 +19,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use pb::cluster_client::ClusterClient;
+use pb::messenger_client::MessengerClient;
 use pb::sequencer_client::SequencerClient;
+use pb::tracker_client::TrackerClient;
 pub use sequencer_proto::v1 as pb;
 
 /// How long one RPC may take before the client tries elsewhere.
@@ -116,6 +118,22 @@ fn server(addr: &str, rpc_timeout: Duration) -> Result<Server, ClientError> {
         channel: endpoint.connect_lazy(),
         addr,
     })
+}
+
+/// Who a group-messaging client is: what Register returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub client_id: u64,
+    pub token: String,
+}
+
+impl From<&pb::RegisterResponse> for Identity {
+    fn from(r: &pb::RegisterResponse) -> Self {
+        Self {
+            client_id: r.client_id,
+            token: r.token.clone(),
+        }
+    }
 }
 
 /// A handle on the cluster. Cheap to share across tasks (`&Client` or `Arc<Client>`).
@@ -217,6 +235,138 @@ impl Client {
     pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
         self.call(|ch| async move { ClusterClient::new(ch).status(pb::StatusRequest {}).await })
             .await
+    }
+
+    /// Registers a new client identity under `name`.
+    pub async fn register(&self, name: &str) -> Result<pb::RegisterResponse, ClientError> {
+        let req = pb::RegisterRequest {
+            name: name.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TrackerClient::new(ch).register(req).await }
+        })
+        .await
+    }
+
+    /// Joins `group` (creating it); joining again only returns the group's state.
+    pub async fn join(&self, me: &Identity, group: &str) -> Result<pb::JoinResponse, ClientError> {
+        let req = pb::JoinRequest {
+            client_id: me.client_id,
+            token: me.token.clone(),
+            group: group.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TrackerClient::new(ch).join(req).await }
+        })
+        .await
+    }
+
+    pub async fn leave(&self, me: &Identity, group: &str) -> Result<(), ClientError> {
+        let req = pb::LeaveRequest {
+            client_id: me.client_id,
+            token: me.token.clone(),
+            group: group.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TrackerClient::new(ch).leave(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn unregister(&self, me: &Identity) -> Result<(), ClientError> {
+        let req = pb::UnregisterRequest {
+            client_id: me.client_id,
+            token: me.token.clone(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TrackerClient::new(ch).unregister(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Tells the primary this client is alive; send one every `heartbeat_interval_ms`.
+    pub async fn heartbeat(&self, me: &Identity) -> Result<(), ClientError> {
+        let req = pb::HeartbeatRequest {
+            client_id: me.client_id,
+            token: me.token.clone(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TrackerClient::new(ch).heartbeat(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn list_groups(&self) -> Result<pb::ListGroupsResponse, ClientError> {
+        self.call(|ch| async move {
+            TrackerClient::new(ch)
+                .list_groups(pb::ListGroupsRequest {})
+                .await
+        })
+        .await
+    }
+
+    pub async fn list_members(&self, group: &str) -> Result<pb::ListMembersResponse, ClientError> {
+        let req = pb::ListMembersRequest {
+            group: group.to_string(),
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { TrackerClient::new(ch).list_members(req).await }
+        })
+        .await
+    }
+
+    /// Sends `payload` to `group` as this client's message number `sender_seq` (1, 2, ...).
+    /// Retrying with the same sender_seq is safe: the server answers, it does not repeat.
+    pub async fn send(
+        &self,
+        me: &Identity,
+        group: &str,
+        sender_seq: u64,
+        payload: Vec<u8>,
+    ) -> Result<pb::SendResponse, ClientError> {
+        let req = pb::SendRequest {
+            client_id: me.client_id,
+            token: me.token.clone(),
+            group: group.to_string(),
+            sender_seq,
+            payload,
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            async move { MessengerClient::new(ch).send(req).await }
+        })
+        .await
+    }
+
+    /// The deliveries of `group` from `from_seq` (0: from the next one), then live ones.
+    /// If the stream breaks, subscribe again from the last group_seq seen plus one.
+    pub async fn subscribe(
+        &self,
+        me: &Identity,
+        group: &str,
+        from_seq: u64,
+    ) -> Result<tonic::Streaming<pb::Delivery>, ClientError> {
+        let req = pb::SubscribeRequest {
+            client_id: me.client_id,
+            token: me.token.clone(),
+            group: group.to_string(),
+            from_seq,
+        };
+        self.call(|ch| {
+            let req = req.clone();
+            // The channel's timeout covers only the wait for the stream to open.
+            async move { MessengerClient::new(ch).subscribe(req).await }
+        })
+        .await
     }
 
     /// Asks any server for the cluster's layout, learns which of this client's servers is which
