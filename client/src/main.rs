@@ -1,5 +1,7 @@
 //! `client`: the command line over the client library.
 
+mod groups;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -48,6 +50,57 @@ enum Cmd {
     Status,
     /// Print the client addresses of the config, one per line.
     Servers,
+    /// Register a group-messaging identity; prints its client id and token.
+    Register {
+        #[arg(long)]
+        name: String,
+    },
+    /// Join a group (created if it does not exist).
+    Join {
+        #[command(flatten)]
+        me: groups::IdentityArgs,
+        #[arg(long)]
+        group: String,
+    },
+    /// Leave a group.
+    Leave {
+        #[command(flatten)]
+        me: groups::IdentityArgs,
+        #[arg(long)]
+        group: String,
+    },
+    /// Send one message to a group.
+    Send {
+        #[command(flatten)]
+        me: groups::IdentityArgs,
+        #[arg(long)]
+        group: String,
+        /// This client's message number in the group; default: the next one the server expects.
+        #[arg(long)]
+        seq: Option<u64>,
+        /// The message text.
+        text: String,
+    },
+    /// Every group with its member count.
+    Groups,
+    /// The members of a group.
+    Members { group: String },
+    /// Print a group's deliveries as they come (heartbeats while it listens).
+    Listen {
+        #[command(flatten)]
+        me: groups::IdentityArgs,
+        group: String,
+        /// First group_seq to print; default: from the next delivery on.
+        #[arg(long = "from", default_value_t = 0)]
+        from_seq: u64,
+    },
+    /// Interactive group chat: each line typed is sent; deliveries are printed as they come.
+    Chat {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        group: String,
+    },
 }
 
 #[tokio::main]
@@ -140,6 +193,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Status => print_status(&client.status().await?, cli.json),
         Cmd::Servers => unreachable!("handled above"),
+        Cmd::Register { name } => groups::register(&client, name, cli.json).await?,
+        Cmd::Join { me, group } => groups::join(&client, &me.identity(), group, cli.json).await?,
+        Cmd::Leave { me, group } => client.leave(&me.identity(), group).await?,
+        Cmd::Send {
+            me,
+            group,
+            seq,
+            text,
+        } => groups::send(&client, &me.identity(), group, *seq, text, cli.json).await?,
+        Cmd::Groups => groups::list_groups(&client, cli.json).await?,
+        Cmd::Members { group } => groups::list_members(&client, group, cli.json).await?,
+        Cmd::Listen {
+            me,
+            group,
+            from_seq,
+        } => groups::listen(&client, &me.identity(), group, *from_seq, cli.json).await?,
+        Cmd::Chat { name, group } => groups::chat(client, name, group).await?,
     }
     Ok(())
 }

@@ -97,6 +97,101 @@ async fn cli_moves_on_when_a_server_is_down() {
     assert!(stdout(&out).trim().parse::<u64>().is_ok());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_sends_lines_prints_deliveries_and_leaves_on_eof() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let cluster = cluster().await;
+    let lib = cluster.client();
+    let other = sequencer_client::Identity::from(&lib.register("carol").await.unwrap());
+    lib.join(&other, "room").await.unwrap();
+
+    let mut chat = Command::new(CLIENT)
+        .arg("--config")
+        .arg(cluster.config_path())
+        .args(["chat", "--name", "dave", "--group", "room"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = chat.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |want: &str| loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("chat printed nothing");
+        if line.ends_with(want) {
+            return line;
+        }
+    };
+    assert!(wait_for("* dave joined").starts_with("[2]"));
+    writeln!(stdin, "hello room").unwrap();
+    assert_eq!(wait_for("dave: hello room"), "[3] dave: hello room");
+    lib.send(&other, "room", 1, b"hi dave".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(wait_for("carol: hi dave"), "[4] carol: hi dave");
+
+    drop(stdin);
+    assert_eq!(wait_for("* dave left"), "[5] * dave left");
+    assert!(chat.wait().unwrap().success());
+    let members = lib.list_members("room").await.unwrap().members;
+    assert_eq!(
+        members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+        ["carol"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_join_send_and_members_from_the_command_line() {
+    let cluster = cluster().await;
+    let out = stdout(&client(&cluster, &["register", "--name", "erin", "--json"]));
+    let reg: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = reg["client_id"].to_string();
+    let token = reg["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 32, "a 128-bit token in hex");
+    let me = ["--client-id", id.as_str(), "--token", token.as_str()];
+    // The subcommand, then who is calling, then the rest.
+    let with = |args: &[&str]| -> Vec<String> {
+        args[..1]
+            .iter()
+            .chain(&me)
+            .chain(&args[1..])
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        stdout(&client(&cluster, &refs))
+    };
+    assert!(run(with(&["join", "--group", "ops"])).contains("members erin"));
+    assert_eq!(run(with(&["send", "--group", "ops", "first"])).trim(), "2");
+    assert_eq!(run(with(&["send", "--group", "ops", "second"])).trim(), "3");
+    assert!(stdout(&client(&cluster, &["members", "ops"])).contains("erin"));
+    assert!(stdout(&client(&cluster, &["groups"])).contains("ops"));
+    let bad = client(
+        &cluster,
+        &[
+            "join",
+            "--client-id",
+            &id,
+            "--token",
+            "wrong",
+            "--group",
+            "ops",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("UNAUTHENTICATED"));
+}
+
 fn run_clients(config: &Path, client_bin: &Path, args: &[&str]) -> Output {
     Command::new("bash")
         .arg(repo_root().join("run_clients.sh"))

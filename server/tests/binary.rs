@@ -255,6 +255,8 @@ async fn reflection_lists_the_public_services_and_never_the_peer_service() {
     for expected in [
         "sequencer.v1.Sequencer",
         "sequencer.v1.Cluster",
+        "sequencer.v1.Tracker",
+        "sequencer.v1.Messenger",
         "grpc.health.v1.Health",
     ] {
         assert!(
