@@ -486,3 +486,41 @@ async fn a_slow_subscriber_is_cut_off_without_stalling_others() {
         "the slow subscriber got everything: {received}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_travel_in_snapshots_to_a_lagging_node() {
+    let mut cluster = started(
+        Cluster::builder(SERVER)
+            .set("snapshot_logs", 10)
+            .set("logs_to_keep", 2)
+            .set("retain_messages", 100),
+    )
+    .await;
+    let primary = cluster.wait_for_primary().await.unwrap();
+    let lagging = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let c = cluster.client_for(primary);
+    let (me, next, _alive) = member(&c, "writer", "g").await;
+    cluster.kill(lagging);
+    // Sequential sends: one log entry each, well past several snapshot points.
+    for seq in 1..=60 {
+        c.send(&me, "g", seq, format!("m{seq}").into_bytes())
+            .await
+            .unwrap();
+    }
+    cluster.start_node(lagging).unwrap();
+    cluster.wait_for_primary().await.unwrap();
+
+    let on_lagging = cluster.client_for(lagging);
+    let mut stream = on_lagging.subscribe(&me, "g", next - 1).await.unwrap();
+    let got = collect(&mut stream, |d| messages(d) == 60).await;
+    assert_dense_and_fifo(&got);
+    assert_eq!(got[0].kind, Kind::Joined as i32);
+    assert_eq!(got.last().unwrap().payload, b"m60");
+    assert!(
+        cluster
+            .log(lagging)
+            .contains("installed snapshot from primary"),
+        "the node caught up without a snapshot\n{}",
+        cluster.log_tails()
+    );
+}
