@@ -2,7 +2,9 @@
 //! the primary's detector writes the removal of silent clients into the log as a `Fail`.
 //!
 //! A node that becomes primary starts every client's timeout afresh, so a failover never
-//! removes a client that was heartbeating to the old primary.
+//! removes a client that was heartbeating to the old primary. A primary accepts heartbeats only
+//! while a quorum confirmed its leadership recently (a lease shorter than an election), so a
+//! deposed primary that has not noticed yet cannot swallow them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,6 +46,10 @@ pub struct Liveness {
     proposer: Proposer,
     /// Last heartbeat per client, kept only while this node is primary.
     seen: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// When a quorum last confirmed this node as primary.
+    confirmed: Arc<Mutex<Option<Instant>>>,
+    /// How long a confirmation lasts: less than the shortest election timeout.
+    lease: Duration,
     failure_timeout: Duration,
     request_timeout: Duration,
 }
@@ -56,6 +62,7 @@ impl Liveness {
         proposer: Proposer,
         failure_timeout: Duration,
         request_timeout: Duration,
+        lease: Duration,
     ) -> Self {
         Self {
             id: proposer.id(),
@@ -64,9 +71,16 @@ impl Liveness {
             peers,
             proposer,
             seen: Arc::default(),
+            confirmed: Arc::default(),
+            lease,
             failure_timeout,
             request_timeout,
         }
+    }
+
+    fn lease_valid(&self) -> bool {
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|p| p.into_inner());
+        confirmed.is_some_and(|t| t.elapsed() < self.lease)
     }
 
     /// Records a heartbeat, passing it to the primary if this node is not.
@@ -110,7 +124,7 @@ impl Liveness {
 
     /// On the primary: authenticates the client and records the heartbeat.
     pub async fn heartbeat_here(&self, msg: &HeartbeatMsg) -> HeartbeatOutcome {
-        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+        if self.raft.metrics().borrow().current_leader != Some(self.id) || !self.lease_valid() {
             return HeartbeatOutcome::NotPrimary;
         }
         let check = || {
@@ -155,7 +169,12 @@ impl Liveness {
             if leader != Some(self.id) {
                 leading_term = None;
                 self.seen.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                *self.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
+            }
+            let asked = Instant::now();
+            if let Ok(Ok(_)) = tokio::time::timeout(self.lease, self.raft.get_read_log_id()).await {
+                *self.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
             }
             let now = Instant::now();
             let clients = self.reader.read(|a| a.state.groups.client_ids());

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::BasicNode;
 use sequencer_proto::peer::peer_server::PeerServer;
@@ -100,6 +101,7 @@ pub async fn run(
         proposer.clone(),
         config.failure_timeout,
         config.request_timeout,
+        Duration::from_millis(config.election_timeout_min_ms),
     );
     tasks.spawn(
         liveness
