@@ -176,18 +176,24 @@ fn print_delivery(d: &Delivery, json_out: bool) {
     let _ = out.flush();
 }
 
-/// Heartbeats every `every` until the task is aborted.
+/// Heartbeats until the task is aborted, at the interval the server asks for.
 fn spawn_heartbeats(
     client: Arc<Client>,
     me: Identity,
-    every: Duration,
+    mut every: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            if let Err(e) = client.heartbeat(&me).await {
-                eprintln!("client: heartbeat failed: {e}");
-                if e.code() == Code::Unauthenticated {
-                    return;
+            match client.heartbeat(&me).await {
+                Ok(r) if r.heartbeat_interval_ms > 0 => {
+                    every = Duration::from_millis(u64::from(r.heartbeat_interval_ms));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("client: heartbeat failed: {e}");
+                    if e.code() == Code::Unauthenticated {
+                        return;
+                    }
                 }
             }
             tokio::time::sleep(every).await;
@@ -196,7 +202,7 @@ fn spawn_heartbeats(
 }
 
 /// Prints deliveries from `from_seq` on, resubscribing where it stopped if the stream breaks,
-/// until this client leaves or is removed. Returns why it ended.
+/// until the server ends the stream after this client's last leave or removal. Returns that line.
 async fn follow(
     client: &Client,
     me: &Identity,
@@ -204,6 +210,8 @@ async fn follow(
     mut from_seq: u64,
     json_out: bool,
 ) -> Result<String, ClientError> {
+    // The last delivery about this client's own membership, if it was a leave or removal.
+    let mut exit = None;
     loop {
         let mut stream = client.subscribe(me, group, from_seq).await?;
         loop {
@@ -211,14 +219,14 @@ async fn follow(
                 Ok(Some(d)) => {
                     print_delivery(&d, json_out);
                     from_seq = d.group_seq + 1;
-                    let own_exit = d.sender_id == me.client_id
-                        && d.kind != Kind::Message as i32
-                        && d.kind != Kind::Joined as i32;
-                    if own_exit {
-                        return Ok(format_delivery(&d));
+                    if d.sender_id == me.client_id && d.kind != Kind::Message as i32 {
+                        exit = (d.kind != Kind::Joined as i32).then(|| format_delivery(&d));
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => match exit.take() {
+                    Some(line) => return Ok(line),
+                    None => break,
+                },
                 // Too slow, or the server went away: pick up where we stopped.
                 Err(s)
                     if matches!(

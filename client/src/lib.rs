@@ -10,7 +10,7 @@
 //! primary) steers the next call to the primary.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -28,6 +28,10 @@ pub use sequencer_proto::v1 as pb;
 const RPC_TIMEOUT: Duration = Duration::from_secs(6);
 /// How long a call keeps moving between servers before it gives up.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
+/// Longest pause between two rounds over every server.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// The heartbeat interval assumed until a server says otherwise.
+const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 
 /// What a call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +147,8 @@ pub struct Client {
     deadline: Duration,
     /// Node id -> index in `servers`, learned from Cluster.Status.
     nodes: RwLock<HashMap<u32, usize>>,
+    /// The heartbeat interval servers last asked for, in ms.
+    heartbeat_ms: AtomicU64,
 }
 
 impl Client {
@@ -160,6 +166,7 @@ impl Client {
             current: AtomicUsize::new(0),
             deadline: DEFAULT_DEADLINE,
             nodes: RwLock::default(),
+            heartbeat_ms: AtomicU64::new(DEFAULT_HEARTBEAT_MS),
         })
     }
 
@@ -242,11 +249,14 @@ impl Client {
         let req = pb::RegisterRequest {
             name: name.to_string(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { TrackerClient::new(ch).register(req).await }
-        })
-        .await
+        let resp = self
+            .call(|ch| {
+                let req = req.clone();
+                async move { TrackerClient::new(ch).register(req).await }
+            })
+            .await?;
+        self.learn_heartbeat(resp.heartbeat_interval_ms);
+        Ok(resp)
     }
 
     /// Joins `group` (creating it); joining again only returns the group's state.
@@ -290,18 +300,36 @@ impl Client {
         .map(|_| ())
     }
 
-    /// Tells the primary this client is alive; send one every `heartbeat_interval_ms`.
-    pub async fn heartbeat(&self, me: &Identity) -> Result<(), ClientError> {
+    /// Tells the primary this client is alive; send one every `heartbeat_interval_ms`, which
+    /// the answer repeats.
+    ///
+    /// A heartbeat is only useful on time: each server gets one interval to answer and the
+    /// pause between rounds stays short, so a hung server is left behind well before the
+    /// primary's failure timeout.
+    pub async fn heartbeat(&self, me: &Identity) -> Result<pb::HeartbeatResponse, ClientError> {
         let req = pb::HeartbeatRequest {
             client_id: me.client_id,
             token: me.token.clone(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { TrackerClient::new(ch).heartbeat(req).await }
-        })
-        .await
-        .map(|_| ())
+        let interval = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+        let resp = self
+            .call_with(
+                |ch| {
+                    let req = req.clone();
+                    async move { TrackerClient::new(ch).heartbeat(req).await }
+                },
+                interval,
+                interval / 4,
+            )
+            .await?;
+        self.learn_heartbeat(resp.heartbeat_interval_ms);
+        Ok(resp)
+    }
+
+    fn learn_heartbeat(&self, ms: u32) {
+        if ms > 0 {
+            self.heartbeat_ms.store(u64::from(ms), Ordering::Relaxed);
+        }
     }
 
     pub async fn list_groups(&self) -> Result<pb::ListGroupsResponse, ClientError> {
@@ -401,22 +429,44 @@ impl Client {
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_with(f, RPC_TIMEOUT, MAX_BACKOFF).await
+    }
+
+    /// Like `call`, giving up on one server after `attempt` and pausing at most `max_backoff`
+    /// between rounds.
+    async fn call_with<T, F, Fut>(
+        &self,
+        f: F,
+        attempt: Duration,
+        max_backoff: Duration,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let deadline = Instant::now() + self.deadline;
         let n = self.servers.len();
         let start = self.current.load(Ordering::Relaxed);
-        let mut backoff = Duration::from_millis(25);
-        let mut attempt = 0usize;
+        let mut backoff = Duration::from_millis(25).min(max_backoff);
+        let mut tries = 0usize;
         loop {
-            let i = (start + attempt) % n;
+            let i = (start + tries) % n;
             let server = &self.servers[i];
-            match f(server.channel.clone()).await {
+            // A hung server (paused, cut off) gives no reset: stop waiting for it in time.
+            let res = match tokio::time::timeout(attempt, f(server.channel.clone())).await {
+                Ok(res) => res,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer within {attempt:?}"
+                ))),
+            };
+            match res {
                 Ok(resp) => {
                     self.current.store(i, Ordering::Relaxed);
                     return Ok(resp.into_inner());
                 }
                 Err(status) if retryable(status.code()) => {
                     tracing::debug!(server = %server.addr, %status, "server unavailable; trying the next");
-                    attempt += 1;
+                    tries += 1;
                     if Instant::now() >= deadline {
                         return Err(ClientError::Unavailable {
                             server: server.addr.clone(),
@@ -424,9 +474,9 @@ impl Client {
                         });
                     }
                     // A full round failed: the cluster may be electing. Back off a little.
-                    if attempt.is_multiple_of(n) {
+                    if tries.is_multiple_of(n) {
                         sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                        backoff = (backoff * 2).min(max_backoff);
                     }
                 }
                 Err(status) => {

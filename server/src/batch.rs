@@ -20,6 +20,10 @@ use crate::state::{Command, Reply};
 const MAX_WAITERS_PER_BATCH: usize = 65_536;
 /// Most distinct keys (sequences, groups) in one log entry, so entries stay small.
 const MAX_KEYS_PER_BATCH: usize = 1_024;
+/// Most payload bytes in one log entry (a single larger request still goes alone). openraft 0.9
+/// gives each AppendEntries one heartbeat interval, follower fsync included, so entries stay
+/// small; with `max_payload_entries` this also bounds a peer message.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// How one kind of request is batched.
 pub trait Plan: Send + Sync + 'static {
@@ -32,6 +36,10 @@ pub trait Plan: Send + Sync + 'static {
 
     /// The name a request is grouped by (a sequence, a group).
     fn key(req: &Self::Req) -> &str;
+    /// The payload bytes a request adds to the entry.
+    fn size(_req: &Self::Req) -> usize {
+        0
+    }
     /// The one command for the whole batch.
     fn command(&self, batch: Vec<Self::Req>) -> (Command, Self::Split);
     /// Each waiter's answer, in batch order.
@@ -108,16 +116,21 @@ async fn run<P: Plan>(
             },
         };
         let mut keys: HashSet<String> = HashSet::from([P::key(&first.req).to_string()]);
+        let mut bytes = P::size(&first.req);
         let mut batch = vec![first];
         while batch.len() < MAX_WAITERS_PER_BATCH {
             let Ok(p) = rx.try_recv() else { break };
-            if !keys.contains(P::key(&p.req)) {
-                if keys.len() == MAX_KEYS_PER_BATCH {
-                    carry = Some(p);
-                    break;
-                }
+            let new_key = !keys.contains(P::key(&p.req));
+            if (new_key && keys.len() == MAX_KEYS_PER_BATCH)
+                || bytes + P::size(&p.req) > MAX_BATCH_BYTES
+            {
+                carry = Some(p);
+                break;
+            }
+            if new_key {
                 keys.insert(P::key(&p.req).to_string());
             }
+            bytes += P::size(&p.req);
             batch.push(p);
         }
         // A caller that gave up, or whose time ran out in the queue, would only waste the log.

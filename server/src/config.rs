@@ -49,6 +49,7 @@ struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failure_timeout_ms: Option<u64>,
     retain_messages: u32,
+    retain_bytes: u64,
     max_payload_bytes: u32,
     max_clients: u32,
     max_groups: u32,
@@ -77,6 +78,7 @@ impl Default for RawConfig {
             client_heartbeat_interval_ms: 1_000,
             failure_timeout_ms: None,
             retain_messages: 10_000,
+            retain_bytes: 16 * 1024 * 1024,
             max_payload_bytes: 1024 * 1024,
             max_clients: 100_000,
             max_groups: 10_000,
@@ -348,10 +350,21 @@ impl RawConfig {
                 return err(key, "must be at least 1".into());
             }
         }
-        if self.max_payload_bytes > 16 * 1024 * 1024 {
+        if self.max_payload_bytes > 1024 * 1024 {
+            // One message is one log entry at most, and entries must replicate within a
+            // heartbeat interval (see batch.rs).
             return err(
                 "max_payload_bytes",
-                "must be at most 16777216 (16 MiB)".into(),
+                "must be at most 1048576 (1 MiB)".into(),
+            );
+        }
+        if self.retain_bytes < u64::from(self.max_payload_bytes) {
+            return err(
+                "retain_bytes",
+                format!(
+                    "must be at least max_payload_bytes ({})",
+                    self.max_payload_bytes
+                ),
             );
         }
         Ok(Config {
@@ -375,6 +388,7 @@ impl RawConfig {
                 max_groups: self.max_groups,
                 max_members_per_group: self.max_members_per_group,
                 retain_messages: self.retain_messages,
+                retain_bytes: self.retain_bytes,
             },
         })
     }

@@ -51,7 +51,9 @@ impl From<Error> for Status {
                 Rejected::Unauthenticated => Code::Unauthenticated,
                 Rejected::NotMember(_) => Code::PermissionDenied,
                 Rejected::UnknownGroup(_) => Code::NotFound,
-                Rejected::SenderSeqGap { .. } => Code::FailedPrecondition,
+                Rejected::SenderSeqGap { .. } | Rejected::StaleRetry { .. } => {
+                    Code::FailedPrecondition
+                }
             },
             Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
             Error::OutOfRange(_) => Code::OutOfRange,

@@ -51,7 +51,8 @@ pub struct Liveness {
     /// How long a confirmation lasts: less than the shortest election timeout.
     lease: Duration,
     failure_timeout: Duration,
-    request_timeout: Duration,
+    /// How long one heartbeat may take to reach the primary: less than a client's interval.
+    heartbeat_deadline: Duration,
 }
 
 impl Liveness {
@@ -61,7 +62,7 @@ impl Liveness {
         peers: PeerClients,
         proposer: Proposer,
         failure_timeout: Duration,
-        request_timeout: Duration,
+        heartbeat_deadline: Duration,
         lease: Duration,
     ) -> Self {
         Self {
@@ -74,7 +75,7 @@ impl Liveness {
             confirmed: Arc::default(),
             lease,
             failure_timeout,
-            request_timeout,
+            heartbeat_deadline,
         }
     }
 
@@ -85,7 +86,7 @@ impl Liveness {
 
     /// Records a heartbeat, passing it to the primary if this node is not.
     pub async fn heartbeat(&self, client_id: u64, token_hash: String) -> Result<(), Error> {
-        let deadline = Instant::now() + self.request_timeout;
+        let deadline = Instant::now() + self.heartbeat_deadline;
         let msg = HeartbeatMsg {
             client_id,
             token_hash,
@@ -96,7 +97,10 @@ impl Liveness {
                 Some(p) if p == self.id => self.heartbeat_here(&msg).await,
                 Some(p) => match self.peers.get(p) {
                     Some(peer) => {
-                        let left = deadline.saturating_duration_since(Instant::now());
+                        // A silent primary must not hold the heartbeat past an election.
+                        let left = deadline
+                            .saturating_duration_since(Instant::now())
+                            .min(self.lease);
                         match peer.call(PeerRpc::Heartbeat, &msg, left).await {
                             Ok(o) => o,
                             Err(PeerError::Unreachable(..)) => HeartbeatOutcome::NotPrimary,
@@ -153,8 +157,10 @@ impl Liveness {
 
     /// The failure detector; runs on every node and acts only while it is primary.
     pub async fn run_detector(self, limits: GroupLimits, mut stop: watch::Receiver<bool>) {
-        let every =
-            (self.failure_timeout / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        // Often enough to renew the lease before it lapses.
+        let every = (self.failure_timeout / 4)
+            .min(self.lease / 2)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
         let mut leading_term = None;
         loop {
             tokio::select! {
@@ -172,16 +178,23 @@ impl Liveness {
                 *self.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
             }
+            let had_lease = self.lease_valid();
             let asked = Instant::now();
             if let Ok(Ok(_)) = tokio::time::timeout(self.lease, self.raft.get_read_log_id()).await {
                 *self.confirmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
+            }
+            if !self.lease_valid() {
+                // No quorum behind us: judge nobody, and start afresh once it is back.
+                leading_term = None;
+                continue;
             }
             let now = Instant::now();
             let clients = self.reader.read(|a| a.state.groups.client_ids());
             let expired: Vec<u64> = {
                 let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                if leading_term != Some(term) {
-                    // New primary: every client gets a full timeout from now.
+                if leading_term != Some(term) || !had_lease {
+                    // New primary, or heartbeats were refused for a while: every client gets
+                    // a full timeout from now.
                     seen.clear();
                     leading_term = Some(term);
                 }
@@ -200,9 +213,15 @@ impl Liveness {
             tracing::info!(node = self.id, clients = ?expired, "removing clients that stopped sending heartbeats");
             let cmd = Command::Fail {
                 client_ids: expired,
+                term,
                 limits,
             };
-            if let Err(e) = self.proposer.propose(cmd, self.proposer.deadline()).await {
+            // Never forwarded: only this term's primary may remove anyone.
+            if let Err(e) = self
+                .proposer
+                .propose_on_primary(cmd, Instant::now() + self.lease)
+                .await
+            {
                 tracing::warn!(node = self.id, error = %e, "could not record failed clients; will retry");
             }
         }

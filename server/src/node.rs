@@ -100,7 +100,7 @@ pub async fn run(
         peers.clone(),
         proposer.clone(),
         config.failure_timeout,
-        config.request_timeout,
+        config.request_timeout.min(config.client_heartbeat),
         Duration::from_millis(config.election_timeout_min_ms),
     );
     tasks.spawn(

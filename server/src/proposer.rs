@@ -100,6 +100,20 @@ impl Proposer {
         }
     }
 
+    /// Commits `command` only if this node is primary now; never forwards it. For verdicts
+    /// that only the current primary may give.
+    pub async fn propose_on_primary(
+        &self,
+        command: Command,
+        deadline: Instant,
+    ) -> Result<Committed, Error> {
+        match self.propose_here(command, deadline).await {
+            Ok(c) => Ok(c),
+            Err(Attempt::Retry(reason)) => Err(Error::Unavailable(reason)),
+            Err(Attempt::Final(e)) => Err(e),
+        }
+    }
+
     /// Answers a forwarded command: commit it if this node is primary.
     pub async fn propose_forwarded(&self, command: Command) -> ProposeOutcome {
         match self
@@ -153,11 +167,17 @@ impl Proposer {
         }
     }
 
-    /// On the primary: confirms leadership with a quorum; the index reads must wait for.
+    /// On the primary: confirms leadership with a quorum, and returns the index a read must
+    /// wait for: this node's last log index. Every acknowledged write is in the primary's log
+    /// (Leader Completeness), while openraft's own read index can lag it: right after a restart
+    /// the primary may not know the commit index yet (it is not persisted).
     pub async fn read_index_here(&self) -> Option<u64> {
-        let read = timeout_at(self.deadline(), self.raft.ensure_linearizable()).await;
+        let read = timeout_at(self.deadline(), self.raft.get_read_log_id()).await;
         match read {
-            Ok(Ok(log_id)) => Some(log_id.map(|l| l.index).unwrap_or(0)),
+            Ok(Ok((read_log_id, _))) => {
+                let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+                Some(last.max(read_log_id.map(|l| l.index).unwrap_or(0)))
+            }
             _ => None,
         }
     }

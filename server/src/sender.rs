@@ -23,6 +23,10 @@ impl Plan for SendPlan {
         &req.group
     }
 
+    fn size(req: &SendRequest) -> usize {
+        req.payload.len()
+    }
+
     fn command(&self, sends: Vec<SendRequest>) -> (Command, usize) {
         let n = sends.len();
         (

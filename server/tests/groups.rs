@@ -198,6 +198,28 @@ async fn retries_are_deduplicated_gaps_refused_and_resubscribing_misses_nothing(
         .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
         .collect();
     assert_eq!(payloads, ["one", "m2", "m3", "m4", "m5", "m6", "m7", "m8"]);
+    // Leave and rejoin: the sender count carries on, and a subscription replaying the old
+    // LEFT does not end there.
+    c.leave(&me, "g").await.unwrap();
+    let rejoined = c.join(&me, "g").await.unwrap();
+    assert_eq!(rejoined.next_sender_seq, 9);
+    assert!(
+        c.send(&me, "g", 1, b"stale".to_vec())
+            .await
+            .unwrap()
+            .duplicate
+    );
+    c.send(&me, "g", 9, b"back".to_vec()).await.unwrap();
+    let mut stream = c.subscribe(&me, "g", next).await.unwrap();
+    let replay = collect(&mut stream, |d| {
+        d.last().is_some_and(|d| d.payload == b"back")
+    })
+    .await;
+    let kinds: Vec<i32> = replay[replay.len() - 3..].iter().map(|d| d.kind).collect();
+    assert_eq!(
+        kinds,
+        [Kind::Left as i32, Kind::Joined as i32, Kind::Message as i32]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,7 +362,10 @@ async fn no_acknowledged_message_is_lost_or_reordered_when_the_primary_dies() {
         cluster.start_node(id).unwrap();
     }
     cluster.wait_for_primary().await.unwrap();
-    let mut stream = c.subscribe(&reader, "g", 1).await.unwrap();
+    let mut stream = c
+        .subscribe(&reader, "g", 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log_tails()));
     let again = collect(&mut stream, |d| d.len() == all.len()).await;
     assert_eq!(
         again, all,
@@ -449,31 +474,52 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     );
     let mut stream = c.subscribe(&a, "g", 6).await.unwrap();
     assert_eq!(stream.message().await.unwrap().unwrap().group_seq, 6);
+    assert_code(
+        c.subscribe(&a, "g", 12).await,
+        Code::OutOfRange,
+        "beyond the end",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_subscriber_is_cut_off_without_stalling_others() {
     let cluster = started(Cluster::builder(SERVER).set("subscriber_buffer", 8)).await;
     let c = cluster.client_for(1);
-    let (slow, next, _alive_slow) = member(&c, "slow", "g").await;
+    // Its own connection, as a separate client would have: HTTP/2 flow control is per
+    // connection too, and an unread stream would hold up everything sharing it.
+    let slow_client = cluster.client_for(1);
+    let (slow, next, _alive_slow) = member(&slow_client, "slow", "g").await;
     let (fast, _, _alive_fast) = member(&c, "fast", "g").await;
-    let mut slow_stream = c.subscribe(&slow, "g", next).await.unwrap();
+    let mut slow_stream = slow_client.subscribe(&slow, "g", next).await.unwrap();
     let mut fast_stream = c.subscribe(&fast, "g", next).await.unwrap();
-    // Large payloads fill HTTP/2's flow-control window, so the server-side buffer fills too.
+    // More than HTTP/2 buffers between a server and an unread stream (a few MiB), so the
+    // server-side buffer fills and stays full.
+    const N: u64 = 100;
     let fast_reader =
-        tokio::spawn(async move { collect(&mut fast_stream, |d| messages(d) == 60).await });
-    for seq in 1..=60 {
-        c.send(&fast, "g", seq, vec![7; 64 * 1024]).await.unwrap();
+        tokio::spawn(async move { collect(&mut fast_stream, |d| messages(d) == N as usize).await });
+    for seq in 1..=N {
+        c.send(&fast, "g", seq, vec![7; 128 * 1024]).await.unwrap();
     }
     let fast_got = fast_reader.await.unwrap();
-    assert_eq!(messages(&fast_got), 60, "the fast subscriber was held up");
+    assert_eq!(
+        messages(&fast_got),
+        N as usize,
+        "the fast subscriber was held up"
+    );
+    // A late subscriber catches up on a backlog far larger than its buffer.
+    let mut late = c.subscribe(&fast, "g", next).await.unwrap();
+    assert_eq!(
+        messages(&collect(&mut late, |d| messages(d) == N as usize).await),
+        N as usize
+    );
 
     let mut received = 0;
     let status = loop {
-        match slow_stream.message().await {
-            Ok(Some(_)) => received += 1,
-            Ok(None) => panic!("the slow stream ended without an error"),
-            Err(status) => break status,
+        match tokio::time::timeout(Duration::from_secs(10), slow_stream.message()).await {
+            Ok(Ok(Some(_))) => received += 1,
+            Ok(Ok(None)) => panic!("the slow stream ended without an error"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the slow stream was never cut off; it delivered {received}"),
         }
     };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
@@ -482,7 +528,7 @@ async fn a_slow_subscriber_is_cut_off_without_stalling_others() {
         "{status}"
     );
     assert!(
-        received < 61,
+        received < N + 2,
         "the slow subscriber got everything: {received}"
     );
 }
@@ -523,4 +569,72 @@ async fn retained_messages_travel_in_snapshots_to_a_lagging_node() {
         "the node caught up without a snapshot\n{}",
         cluster.log_tails()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_primary_coming_back_removes_nobody() {
+    let mut cluster =
+        started(Cluster::builder(SERVER).set("client_heartbeat_interval_ms", 200)).await;
+    let primary = cluster.wait_for_primary().await.unwrap();
+    let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    // The client starts at a follower, so its heartbeats travel the forwarding path.
+    let first = cluster.node(follower).addr.clone();
+    let mut addrs = vec![first.clone()];
+    addrs.extend(cluster.addrs().into_iter().filter(|a| *a != first));
+    let c = Client::new(addrs).unwrap();
+    let (me, _, _alive) = member(&c, "steady", "g").await;
+
+    // Frozen for many failure timeouts: the others elect a new primary, which the client
+    // keeps heartbeating through. The old one, thawed, must not act on its stale view.
+    cluster.signal(primary, libc::SIGSTOP).unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    cluster.signal(primary, libc::SIGCONT).unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let members = c.list_members("g").await.unwrap().members;
+    assert!(
+        members.iter().any(|m| m.client_id == me.client_id),
+        "a live client was removed\n{}",
+        cluster.log_tails()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_large_messages_are_all_delivered() {
+    // openraft 0.9 gives one AppendEntries a heartbeat interval, follower fsync included: with
+    // MiB-sized messages on a loaded machine, use a longer one (see README, max_payload_bytes).
+    let cluster = started(
+        Cluster::builder(SERVER)
+            .set("heartbeat_interval_ms", 300)
+            .set("election_timeout_min_ms", 1500)
+            .set("election_timeout_max_ms", 3000),
+    )
+    .await;
+    let c = Arc::new(cluster.client());
+    let (reader, next, _alive_reader) = member(&c, "reader", "big").await;
+    let mut stream = c.subscribe(&reader, "big", next).await.unwrap();
+    let mut tasks = Vec::new();
+    let mut alive = Vec::new();
+    for w in 0..6 {
+        let (me, _, guard) = member(&c, &format!("w{w}"), "big").await;
+        alive.push(guard);
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for seq in 1..=4 {
+                c.send(&me, "big", seq, vec![w as u8; 1024 * 1024])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let got = collect(&mut stream, |d| messages(d) == 24).await;
+    assert_dense_and_fifo(&got);
+    assert!(got
+        .iter()
+        .filter(|d| d.kind == Kind::Message as i32)
+        .all(|d| d.payload.len() == 1024 * 1024));
 }

@@ -248,6 +248,18 @@ impl Cluster {
         }
     }
 
+    /// Sends a signal to node `id` (e.g. `libc::SIGSTOP`) by its pid, and returns at once.
+    pub fn signal(&self, id: u64, signal: i32) -> anyhow::Result<()> {
+        let Some(pid) = self.node(id).pid() else {
+            bail!("node {id} is not running");
+        };
+        // Safety: signalling a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid as libc::pid_t, signal);
+        }
+        Ok(())
+    }
+
     /// Sends a signal to node `id` (e.g. `libc::SIGTERM`) and waits for it to exit.
     pub fn signal_and_wait(
         &mut self,

@@ -2,6 +2,7 @@
 //! node's own applied state, woken by the state machine, never by asking the primary.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sequencer_proto::v1::messenger_server::Messenger;
 use sequencer_proto::v1::{
@@ -19,8 +20,12 @@ use crate::sender::Sender;
 use crate::state::groups::{hash_token, Delivery as StateDelivery, Kind};
 use crate::state::{Rejected, SendRequest};
 
-/// Deliveries read from the state per wake-up, so the read lock is held briefly.
+/// Deliveries (and payload bytes) read from the state at a time, so the read lock is held
+/// briefly.
 const READ_CHUNK: usize = 256;
+const READ_CHUNK_BYTES: usize = 1024 * 1024;
+/// A subscriber whose buffer stays full this long is cut off as too slow.
+const SLOW_SUBSCRIBER_GRACE: Duration = Duration::from_secs(1);
 
 pub struct MessengerApi {
     sender: Sender,
@@ -118,15 +123,13 @@ impl Messenger for MessengerApi {
         let wake = self.reader.watch_groups();
         self.check_member(req.client_id, &token_hash, &group)
             .await?;
-        let (oldest, next_seq) = self
-            .reader
-            .read(|a| {
-                a.state
-                    .groups
-                    .read(&group, u64::MAX, 0)
-                    .map(|s| (s.oldest, s.next_seq))
-            })
-            .ok_or_else(|| Error::Rejected(Rejected::UnknownGroup(group.clone())))?;
+        let mut bounds = self.bounds(&group)?;
+        if req.from_seq > bounds.1 {
+            // This node may lag the one the subscriber last read from.
+            self.proposer.read_barrier().await?;
+            bounds = self.bounds(&group)?;
+        }
+        let (oldest, next_seq) = bounds;
         let from = if req.from_seq == 0 {
             next_seq
         } else {
@@ -134,6 +137,12 @@ impl Messenger for MessengerApi {
         };
         if from < oldest {
             return Err(out_of_range(&group, from, oldest).into());
+        }
+        if from > next_seq {
+            return Err(Error::OutOfRange(format!(
+                "from_seq {from} is beyond the end of group `{group}` (its next group_seq is {next_seq})"
+            ))
+            .into());
         }
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
         let feed = Feed {
@@ -146,6 +155,20 @@ impl Messenger for MessengerApi {
         };
         tokio::spawn(feed.run(wake, self.stop.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl MessengerApi {
+    /// (oldest retained, next group_seq) of `group` as applied here.
+    fn bounds(&self, group: &str) -> Result<(u64, u64), Error> {
+        self.reader
+            .read(|a| {
+                a.state
+                    .groups
+                    .read(group, u64::MAX, 0, 0)
+                    .map(|s| (s.oldest, s.next_seq))
+            })
+            .ok_or_else(|| Error::Rejected(Rejected::UnknownGroup(group.to_string())))
     }
 }
 
@@ -181,7 +204,7 @@ impl Feed {
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
-            match self.step() {
+            match self.step().await {
                 Step::More => continue,
                 Step::Done => return,
                 Step::Wait => {}
@@ -206,11 +229,12 @@ impl Feed {
         }
     }
 
-    fn step(&mut self) -> Step {
-        let Some(slice) = self
-            .reader
-            .read(|a| a.state.groups.read(&self.group, self.next, READ_CHUNK))
-        else {
+    async fn step(&mut self) -> Step {
+        let Some(slice) = self.reader.read(|a| {
+            a.state
+                .groups
+                .read(&self.group, self.next, READ_CHUNK, READ_CHUNK_BYTES)
+        }) else {
             return Step::Done;
         };
         if self.next < slice.oldest {
@@ -218,29 +242,46 @@ impl Feed {
             let _ = self.tx.try_send(Err(e.into()));
             return Step::Done;
         }
-        let full = slice.deliveries.len() == READ_CHUNK;
+        let more = slice
+            .deliveries
+            .last()
+            .is_some_and(|d| d.group_seq + 1 < slice.next_seq);
         for d in slice.deliveries {
-            // Keep one slot for the error that tells a slow subscriber where to resume.
-            if self.tx.capacity() <= 1 {
-                let e = Error::SlowSubscriber(format!(
-                    "subscriber too slow: {} deliveries queued (subscriber_buffer); resubscribe with from_seq {}",
-                    self.buffer - 1,
-                    self.next
-                ));
-                let _ = self.tx.try_send(Err(e.into()));
-                return Step::Done;
-            }
+            // Room for this delivery and one more, so the last slot is always free for the
+            // error that tells a slow subscriber where to resume.
+            let permits =
+                match tokio::time::timeout(SLOW_SUBSCRIBER_GRACE, self.tx.reserve_many(2)).await {
+                    Ok(Ok(permits)) => permits,
+                    Ok(Err(_)) => return Step::Done,
+                    Err(_) => {
+                        let e = Error::SlowSubscriber(format!(
+                        "subscriber too slow: {} deliveries queued for {} ms (subscriber_buffer); \
+                         resubscribe with from_seq {}",
+                        self.buffer - 1,
+                        SLOW_SUBSCRIBER_GRACE.as_millis(),
+                        self.next
+                    ));
+                        let _ = self.tx.try_send(Err(e.into()));
+                        return Step::Done;
+                    }
+                };
             let own_exit =
                 d.sender_id == self.client_id && matches!(d.kind, Kind::Left | Kind::Failed);
             self.next = d.group_seq + 1;
-            if self.tx.try_send(Ok(to_pb(d))).is_err() {
-                return Step::Done;
+            if let Some(permit) = permits.into_iter().next() {
+                permit.send(Ok(to_pb(d)));
             }
-            if own_exit {
+            // The stream ends with this client's last leave; an old one replayed from before a
+            // rejoin does not end it.
+            if own_exit
+                && !self
+                    .reader
+                    .read(|a| a.state.groups.is_member(self.client_id, &self.group))
+            {
                 return Step::Done;
             }
         }
-        if full {
+        if more {
             Step::More
         } else {
             Step::Wait

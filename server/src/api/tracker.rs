@@ -162,7 +162,9 @@ impl Tracker for TrackerApi {
         self.liveness
             .heartbeat(req.client_id, hash_token(&req.token))
             .await?;
-        Ok(Response::new(HeartbeatResponse {}))
+        Ok(Response::new(HeartbeatResponse {
+            heartbeat_interval_ms: millis(self.heartbeat_interval),
+        }))
     }
 
     async fn list_groups(

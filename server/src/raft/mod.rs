@@ -61,8 +61,10 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, Error> {
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: config.logs_to_keep,
-        // Bounds one AppendEntries; each entry is at most 1,024 sequences (see allocator).
-        max_payload_entries: 64,
+        // openraft 0.9 gives an AppendEntries one heartbeat interval, so a catch-up round stays
+        // a few MiB: an entry carries at most about max(MAX_BATCH_BYTES, max_payload_bytes)
+        // of payload (1 MiB, 1.4 MiB encoded) and 1,024 names.
+        max_payload_entries: 4,
         ..Default::default()
     };
     c.validate()

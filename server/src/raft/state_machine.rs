@@ -247,7 +247,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Reply::None
                 }
                 EntryPayload::Normal(cmd) => {
-                    let reply = applied.state.apply(&cmd, &mut touched);
+                    let reply =
+                        applied
+                            .state
+                            .apply(&cmd, entry.log_id.leader_id.term, &mut touched);
                     log_applied(node, entry.log_id.index, &cmd, &reply);
                     reply
                 }

@@ -13,13 +13,16 @@ use super::{valid_name, Rejected};
 /// How many accepted (sender_seq, group_seq) pairs a sender keeps for answering retries.
 const RECENT_SENDS: usize = 1024;
 
-/// Limits the primary stamps into each command, so every node decides alike.
+/// Limits stamped into each command by the node that took the request, so every node applies
+/// the entry alike whatever its own config says. Keep them equal across the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupLimits {
     pub max_clients: u32,
     pub max_groups: u32,
     pub max_members_per_group: u32,
     pub retain_messages: u32,
+    /// Payload bytes each group retains; the older deliveries go first.
+    pub retain_bytes: u64,
 }
 
 /// What a delivery is.
@@ -40,6 +43,7 @@ pub struct Delivery {
     /// 0 for membership events.
     pub sender_seq: u64,
     pub kind: Kind,
+    #[serde(with = "super::b64")]
     pub payload: Vec<u8>,
 }
 
@@ -73,6 +77,7 @@ pub struct SendRequest {
     pub token_hash: String,
     pub group: String,
     pub sender_seq: u64,
+    #[serde(with = "super::b64")]
     pub payload: Vec<u8>,
 }
 
@@ -81,6 +86,8 @@ struct ClientRecord {
     name: String,
     token_hash: String,
     groups: BTreeSet<String>,
+    /// Groups holding this client's sender state; it outlives a leave and goes with the client.
+    sent_to: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +111,7 @@ struct Group {
     members: BTreeMap<u64, Member>,
     senders: BTreeMap<u64, SenderState>,
     retained: VecDeque<Delivery>,
+    retained_bytes: u64,
 }
 
 impl Group {
@@ -113,28 +121,28 @@ impl Group {
             members: BTreeMap::new(),
             senders: BTreeMap::new(),
             retained: VecDeque::new(),
+            retained_bytes: 0,
         }
     }
 
-    fn append(&mut self, mut d: Delivery, retain: u32, events: &mut Vec<u64>) -> u64 {
+    /// Appends `d` as the next delivery, then trims the oldest beyond the retention limits.
+    fn append(&mut self, mut d: Delivery, limits: &GroupLimits) -> u64 {
         d.group_seq = self.next_seq;
         self.next_seq += 1;
-        events.push(d.group_seq);
+        self.retained_bytes += d.payload.len() as u64;
         self.retained.push_back(d);
-        while self.retained.len() > retain.max(1) as usize {
-            self.retained.pop_front();
+        while self.retained.len() > 1
+            && (self.retained.len() > limits.retain_messages as usize
+                || self.retained_bytes > limits.retain_bytes)
+        {
+            if let Some(old) = self.retained.pop_front() {
+                self.retained_bytes -= old.payload.len() as u64;
+            }
         }
         self.next_seq - 1
     }
 
-    fn event(
-        &mut self,
-        kind: Kind,
-        client_id: u64,
-        name: &str,
-        retain: u32,
-        events: &mut Vec<u64>,
-    ) -> u64 {
+    fn event(&mut self, kind: Kind, client_id: u64, name: &str, limits: &GroupLimits) -> u64 {
         let d = Delivery {
             group_seq: 0,
             sender_id: client_id,
@@ -143,7 +151,7 @@ impl Group {
             kind,
             payload: Vec::new(),
         };
-        self.append(d, retain, events)
+        self.append(d, limits)
     }
 
     /// The oldest group_seq still retained (next_seq when nothing is).
@@ -246,6 +254,7 @@ impl Groups {
                 name: name.to_string(),
                 token_hash: token_hash.to_string(),
                 groups: BTreeSet::new(),
+                sent_to: BTreeSet::new(),
             },
         );
         Ok(id)
@@ -279,14 +288,7 @@ impl Groups {
                     max: limits.max_members_per_group,
                 });
             }
-            let mut seqs = Vec::new();
-            let at = g.event(
-                Kind::Joined,
-                client_id,
-                &name,
-                limits.retain_messages,
-                &mut seqs,
-            );
+            let at = g.event(Kind::Joined, client_id, &name, limits);
             g.members.insert(
                 client_id,
                 Member {
@@ -351,10 +353,15 @@ impl Groups {
         limits: &GroupLimits,
         touched: &mut Touched,
     ) {
-        let groups = match self.clients.get(&client_id) {
-            Some(c) => c.groups.clone(),
+        let (groups, sent_to) = match self.clients.get(&client_id) {
+            Some(c) => (c.groups.clone(), c.sent_to.clone()),
             None => return,
         };
+        for group in sent_to {
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.senders.remove(&client_id);
+            }
+        }
         for group in groups {
             self.remove_member(client_id, &group, kind, limits, touched);
         }
@@ -375,15 +382,9 @@ impl Groups {
         let Some(member) = g.members.remove(&client_id) else {
             return;
         };
-        g.senders.remove(&client_id);
-        let mut seqs = Vec::new();
-        g.event(
-            kind,
-            client_id,
-            &member.name,
-            limits.retain_messages,
-            &mut seqs,
-        );
+        // Sender state stays: a stale Send from before a leave cannot pass for a new one
+        // after a rejoin.
+        g.event(kind, client_id, &member.name, limits);
         touched.push(group.to_string());
         if let Some(c) = self.clients.get_mut(&client_id) {
             c.groups.remove(group);
@@ -401,16 +402,17 @@ impl Groups {
         let g = self.groups.get_mut(&req.group).expect("checked above");
         let sender = g.senders.entry(req.client_id).or_default();
         if req.sender_seq < sender.next_sender_seq {
-            let group_seq = sender
-                .recent
-                .iter()
-                .find(|(s, _)| *s == req.sender_seq)
-                .map(|(_, g)| *g)
-                .unwrap_or(0);
-            return Ok(Sent {
-                group_seq,
-                duplicate: true,
-            });
+            let original = sender.recent.iter().find(|(s, _)| *s == req.sender_seq);
+            return match original {
+                Some(&(_, group_seq)) => Ok(Sent {
+                    group_seq,
+                    duplicate: true,
+                }),
+                None => Err(Rejected::StaleRetry {
+                    sender_seq: req.sender_seq,
+                    kept: RECENT_SENDS,
+                }),
+            };
         }
         if req.sender_seq > sender.next_sender_seq {
             return Err(Rejected::SenderSeqGap {
@@ -427,12 +429,14 @@ impl Groups {
             kind: Kind::Message,
             payload: req.payload.clone(),
         };
-        let mut seqs = Vec::new();
-        let group_seq = g.append(d, limits.retain_messages, &mut seqs);
+        let group_seq = g.append(d, limits);
         let sender = g.senders.get_mut(&req.client_id).expect("inserted above");
         sender.recent.push_back((req.sender_seq, group_seq));
         if sender.recent.len() > RECENT_SENDS {
             sender.recent.pop_front();
+        }
+        if let Some(c) = self.clients.get_mut(&req.client_id) {
+            c.sent_to.insert(req.group.clone());
         }
         touched.push(req.group.clone());
         Ok(Sent {
@@ -456,16 +460,37 @@ impl Groups {
             .map(|g| g.members.values().cloned().collect())
     }
 
-    /// Retained deliveries of `group` with group_seq >= `from`, at most `max` of them.
-    pub fn read(&self, group: &str, from: u64, max: usize) -> Option<Slice> {
+    /// Retained deliveries of `group` with group_seq >= `from`: at most `max` of them, and no
+    /// more payload bytes than `max_bytes` beyond the first.
+    pub fn read(&self, group: &str, from: u64, max: usize, max_bytes: usize) -> Option<Slice> {
         let g = self.groups.get(group)?;
         let oldest = g.oldest();
         let skip = from.saturating_sub(oldest) as usize;
+        let mut bytes = 0;
+        let deliveries = g
+            .retained
+            .iter()
+            .skip(skip)
+            .take(max)
+            .take_while(|d| {
+                let first = bytes == 0;
+                bytes += d.payload.len().max(1);
+                first || bytes <= max_bytes
+            })
+            .cloned()
+            .collect();
         Some(Slice {
-            deliveries: g.retained.iter().skip(skip).take(max).cloned().collect(),
+            deliveries,
             oldest,
             next_seq: g.next_seq,
         })
+    }
+
+    /// Whether `client_id` is a member of `group` now.
+    pub fn is_member(&self, client_id: u64, group: &str) -> bool {
+        self.groups
+            .get(group)
+            .is_some_and(|g| g.members.contains_key(&client_id))
     }
 
     /// Every registered client id.
@@ -488,6 +513,7 @@ mod tests {
         max_groups: 2,
         max_members_per_group: 2,
         retain_messages: 3,
+        retain_bytes: 1 << 20,
     };
 
     fn send(
@@ -547,7 +573,7 @@ mod tests {
             })
         );
         g.fail(&[b], &LIMITS, &mut Vec::new());
-        let slice = g.read("g", 1, 100).unwrap();
+        let slice = g.read("g", 1, 100, usize::MAX).unwrap();
         // Retention keeps the last 3 of 5 deliveries.
         assert_eq!(slice.oldest, 3);
         let kinds: Vec<_> = slice
@@ -600,7 +626,56 @@ mod tests {
     }
 
     #[test]
-    fn leaving_resets_the_sender_sequence() {
+    fn retention_also_counts_bytes() {
+        let limits = GroupLimits {
+            retain_messages: 100,
+            retain_bytes: 10,
+            ..LIMITS
+        };
+        let mut g = Groups::default();
+        let a = g.register("alice", &hash_token("ta"), &limits).unwrap();
+        g.join(a, &hash_token("ta"), "g", &limits, &mut Vec::new())
+            .unwrap();
+        for seq in 1..=4 {
+            let req = SendRequest {
+                client_id: a,
+                token_hash: hash_token("ta"),
+                group: "g".into(),
+                sender_seq: seq,
+                payload: vec![0; 4],
+            };
+            g.send(&req, &limits, &mut Vec::new()).unwrap();
+        }
+        // 16 payload bytes sent, 10 kept: the last two messages.
+        let slice = g.read("g", 0, 100, usize::MAX).unwrap();
+        assert_eq!(
+            slice
+                .deliveries
+                .iter()
+                .map(|d| d.group_seq)
+                .collect::<Vec<_>>(),
+            vec![4, 5]
+        );
+    }
+
+    #[test]
+    fn a_retry_too_old_to_look_up_is_refused_not_misreported() {
+        let mut g = Groups::default();
+        let a = g.register("alice", &hash_token("ta"), &LIMITS).unwrap();
+        g.join(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
+            .unwrap();
+        for seq in 1..=(RECENT_SENDS as u64 + 1) {
+            send(&mut g, a, "ta", seq).unwrap();
+        }
+        assert!(matches!(
+            send(&mut g, a, "ta", 1),
+            Err(Rejected::StaleRetry { sender_seq: 1, .. })
+        ));
+        assert!(send(&mut g, a, "ta", 2).unwrap().duplicate);
+    }
+
+    #[test]
+    fn leaving_keeps_the_sender_sequence() {
         let mut g = Groups::default();
         let a = g.register("alice", &hash_token("ta"), &LIMITS).unwrap();
         g.join(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
@@ -611,6 +686,8 @@ mod tests {
         let j = g
             .join(a, &hash_token("ta"), "g", &LIMITS, &mut Vec::new())
             .unwrap();
-        assert_eq!(j.next_sender_seq, 1);
+        // A stale Send of seq 1 from before the leave cannot pass for a new message.
+        assert_eq!(j.next_sender_seq, 2);
+        assert!(send(&mut g, a, "ta", 1).unwrap().duplicate);
     }
 }
