@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use sequencer_client::pb::delivery::Kind;
 use sequencer_client::pb::Delivery;
-use sequencer_client::{Client, ClientError, Identity};
-use testkit::Cluster;
+use sequencer_client::{Client, Identity};
+use testkit::{assert_code, Cluster};
 use tonic::Code;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
@@ -89,19 +89,6 @@ fn assert_dense_and_fifo(ds: &[Delivery]) {
             "sender {} out of FIFO order",
             d.sender_id
         );
-    }
-}
-
-fn assert_code<T: std::fmt::Debug>(res: Result<T, ClientError>, code: Code, mentions: &str) {
-    match res {
-        Ok(v) => panic!("expected {code:?}, got {v:?}"),
-        Err(e) => {
-            assert_eq!(e.code(), code, "{e}");
-            assert!(
-                e.to_string().contains(mentions),
-                "`{e}` does not mention `{mentions}`"
-            );
-        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use sequencer_client::{Client, ClientError};
 use testkit::history::{gaps, linearizability_violations, overlaps, Op};
-use testkit::Cluster;
+use testkit::{assert_code, Cluster};
 use tonic::Code;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
@@ -123,19 +123,6 @@ async fn sequences_are_independent_and_start_at_one() {
     // The empty name is the sequence called "default".
     assert_eq!(c.get_id("").await.unwrap().id, 1);
     assert_eq!(c.get_id("default").await.unwrap().id, 2);
-}
-
-fn assert_code(res: Result<impl std::fmt::Debug, ClientError>, code: Code, mentions: &str) {
-    match res {
-        Ok(v) => panic!("expected {code:?}, got {v:?}"),
-        Err(e) => {
-            assert_eq!(e.code(), code, "{e}");
-            assert!(
-                e.to_string().contains(mentions),
-                "error `{e}` does not mention `{mentions}`"
-            );
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

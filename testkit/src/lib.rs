@@ -15,10 +15,28 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use sequencer_client::Client;
+use sequencer_client::{Client, ClientError};
 use serde_json::{json, Map, Value};
 use tempfile::TempDir;
 use tokio::time::{sleep, Instant};
+
+/// Asserts that `res` failed with `code` and a message that mentions `mentions`.
+pub fn assert_code<T: std::fmt::Debug>(
+    res: Result<T, ClientError>,
+    code: tonic::Code,
+    mentions: &str,
+) {
+    match res {
+        Ok(v) => panic!("expected {code:?}, got {v:?}"),
+        Err(e) => {
+            assert_eq!(e.code(), code, "{e}");
+            assert!(
+                e.to_string().contains(mentions),
+                "error `{e}` does not mention `{mentions}`"
+            );
+        }
+    }
+}
 
 /// How long a fresh or recovering cluster may take to agree on a primary.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -47,6 +47,16 @@ impl TrackerApi {
     }
 }
 
+impl TrackerApi {
+    /// Commits a command whose reply is only success or refusal.
+    async fn commit_done(&self, cmd: Command) -> Result<(), Status> {
+        match self.proposer.commit(cmd).await? {
+            Reply::Done(res) => Ok(res.map_err(Error::from)?),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
 /// A fresh 128-bit secret, hex.
 fn new_token() -> Result<String, Error> {
     let mut bytes = [0u8; 16];
@@ -126,13 +136,8 @@ impl Tracker for TrackerApi {
             group: checked_name(req.group, "group name")?,
             limits: self.limits,
         };
-        match self.proposer.commit(cmd).await? {
-            Reply::Done(res) => {
-                res.map_err(Error::from)?;
-                Ok(Response::new(LeaveResponse {}))
-            }
-            other => Err(unexpected(other)),
-        }
+        self.commit_done(cmd).await?;
+        Ok(Response::new(LeaveResponse {}))
     }
 
     async fn unregister(
@@ -145,13 +150,8 @@ impl Tracker for TrackerApi {
             token_hash: hash_token(&req.token),
             limits: self.limits,
         };
-        match self.proposer.commit(cmd).await? {
-            Reply::Done(res) => {
-                res.map_err(Error::from)?;
-                Ok(Response::new(UnregisterResponse {}))
-            }
-            other => Err(unexpected(other)),
-        }
+        self.commit_done(cmd).await?;
+        Ok(Response::new(UnregisterResponse {}))
     }
 
     async fn heartbeat(
