@@ -5,8 +5,11 @@
 //! Cluster.Status with a deadline. Processes are killed only by the pids this harness started,
 //! and every one of them is killed when the [`Cluster`] is dropped.
 
+pub mod chaos;
 pub mod history;
+pub mod proxy;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::net::TcpListener;
@@ -79,6 +82,7 @@ pub struct Builder {
     server_bin: PathBuf,
     nodes: usize,
     settings: Map<String, Value>,
+    proxies: bool,
 }
 
 impl Builder {
@@ -91,6 +95,12 @@ impl Builder {
     /// Sets a config.json key, e.g. `set("max_sequences", 2)`.
     pub fn set(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.settings.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Route every peer link through its own fault-injecting proxy, so tests can cut links.
+    pub fn with_proxies(mut self) -> Self {
+        self.proxies = true;
         self
     }
 
@@ -115,20 +125,49 @@ impl Builder {
                 log: dir.path().join(format!("node-{}.log", i + 1)),
             })
             .collect();
-        let mut config = self.settings;
-        config.insert(
-            "nodes".into(),
-            nodes
+        // With proxies, node i dials node j through its own proxy for the link i -> j.
+        let mut links = HashMap::new();
+        let mut proxy_addr = HashMap::new();
+        let runtime = if self.proxies {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            for a in &nodes {
+                for b in nodes.iter().filter(|b| b.id != a.id) {
+                    let listener = TcpListener::bind("127.0.0.1:0")?;
+                    listener.set_nonblocking(true)?;
+                    proxy_addr.insert((a.id, b.id), listener.local_addr()?.to_string());
+                    let target = b.peer_addr.parse()?;
+                    let (tx, rx) = tokio::sync::watch::channel(proxy::Mode::Pass);
+                    let _guard = rt.enter();
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    rt.spawn(proxy::run(listener, target, rx));
+                    links.insert((a.id, b.id), tx);
+                }
+            }
+            Some(rt)
+        } else {
+            None
+        };
+        for me in &nodes {
+            let mut config = self.settings.clone();
+            let list: Vec<Value> = nodes
                 .iter()
-                .map(|n| json!({"id": n.id, "addr": n.addr, "peer_addr": n.peer_addr}))
-                .collect(),
-        );
-        config.insert("data_dir".into(), json!(dir.path().join("data")));
-        let config_path = dir.path().join("config.json");
-        std::fs::write(
-            &config_path,
-            serde_json::to_vec_pretty(&Value::Object(config))?,
-        )?;
+                .map(|n| {
+                    let peer = proxy_addr.get(&(me.id, n.id)).unwrap_or(&n.peer_addr);
+                    json!({"id": n.id, "addr": n.addr, "peer_addr": peer})
+                })
+                .collect();
+            config.insert("nodes".into(), Value::Array(list));
+            config.insert("data_dir".into(), json!(dir.path().join("data")));
+            std::fs::write(
+                dir.path().join(format!("config-{}.json", me.id)),
+                serde_json::to_vec_pretty(&Value::Object(config))?,
+            )?;
+        }
+        // Clients read the addresses from any of them.
+        let config_path = dir.path().join("config-1.json");
         if !self.server_bin.exists() {
             bail!(
                 "{} does not exist: build it first (cargo build --bin server)",
@@ -139,6 +178,8 @@ impl Builder {
             server_bin: self.server_bin,
             config_path,
             nodes,
+            links,
+            proxy_runtime: runtime,
             dir,
         };
         for id in cluster.ids() {
@@ -153,6 +194,9 @@ pub struct Cluster {
     server_bin: PathBuf,
     config_path: PathBuf,
     nodes: Vec<Node>,
+    /// The mode switch of each proxied link (from, to).
+    links: HashMap<(u64, u64), tokio::sync::watch::Sender<proxy::Mode>>,
+    proxy_runtime: Option<tokio::runtime::Runtime>,
     // Last, so the processes die before their data dir is removed.
     dir: TempDir,
 }
@@ -164,6 +208,7 @@ impl Cluster {
             server_bin: server_bin.into(),
             nodes: 3,
             settings: Map::new(),
+            proxies: false,
         }
     }
 
@@ -221,10 +266,26 @@ impl Cluster {
         Client::new([self.node(id).addr.clone()]).expect("valid address")
     }
 
+    /// Cuts every link to and from node `id` (needs `with_proxies`): traffic vanishes.
+    pub fn isolate(&self, id: u64) {
+        for ((from, to), mode) in &self.links {
+            if *from == id || *to == id {
+                let _ = mode.send(proxy::Mode::Blackhole);
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        for mode in self.links.values() {
+            let _ = mode.send(proxy::Mode::Pass);
+        }
+    }
+
     /// Starts node `id` (`server --node id --config ...`), logging to its file.
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
         let bin = self.server_bin.clone();
-        let config = self.config_path.clone();
+        let config = self.dir.path().join(format!("config-{id}.json"));
         let node = self.node_mut(id);
         if node.child.is_some() {
             bail!("node {id} is already running");
@@ -321,15 +382,22 @@ impl Cluster {
 
     /// Waits until every running node names the same running primary; returns its id.
     pub async fn wait_for_primary(&mut self) -> anyhow::Result<u64> {
+        let running = self.running();
+        self.wait_for_primary_among(&running).await
+    }
+
+    /// Waits until the nodes `ids` (running ones) name the same primary among them: for
+    /// when another node is cut off or paused and still believes what it believed.
+    pub async fn wait_for_primary_among(&mut self, ids: &[u64]) -> anyhow::Result<u64> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             self.check_alive()?;
-            if let Some(p) = self.agreed_primary().await {
+            if let Some(p) = self.agreed_primary(ids).await {
                 return Ok(p);
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "no agreed primary within {:?}\n{}",
+                    "no agreed primary among {ids:?} within {:?}\n{}",
                     READY_TIMEOUT,
                     self.log_tails()
                 );
@@ -361,15 +429,20 @@ impl Cluster {
         }
     }
 
-    async fn agreed_primary(&self) -> Option<u64> {
+    async fn agreed_primary(&self, ids: &[u64]) -> Option<u64> {
         let running = self.running();
+        let members: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| running.contains(id))
+            .collect();
         let mut agreed = None;
-        for &id in &running {
+        for &id in &members {
             let c = self
                 .client_for(id)
                 .with_deadline(Duration::from_millis(500));
             let p = u64::from(c.status().await.ok()?.primary);
-            if p == 0 || !running.contains(&p) || agreed.is_some_and(|a| a != p) {
+            if p == 0 || !members.contains(&p) || agreed.is_some_and(|a| a != p) {
                 return None;
             }
             agreed = Some(p);
@@ -398,5 +471,9 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_all();
+        // Dropping a runtime inside a test's runtime would panic; let it wind down aside.
+        if let Some(rt) = self.proxy_runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
