@@ -75,7 +75,13 @@ pub async fn run(
     let (stop_clients, stop_clients_rx) = watch::channel(false);
     let (stop_peers, stop_peers_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let proposer = Proposer::new(id, raft.clone(), peers.clone(), config.request_timeout);
+    let proposer = Proposer::new(
+        id,
+        raft.clone(),
+        peers.clone(),
+        config.request_timeout,
+        Duration::from_millis(config.election_timeout_max_ms),
+    );
     // Batchers end once the client listener has stopped and dropped its handles.
     let mut batchers = JoinSet::new();
     let allocator = Allocator::start(

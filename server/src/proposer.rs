@@ -54,15 +54,25 @@ pub struct Proposer {
     raft: Raft,
     peers: PeerClients,
     timeout: Duration,
+    /// Longest wait for one forward: a primary silent for an election timeout may be gone, so
+    /// look again at who is primary (a retry at worst burns ids; Sends are idempotent).
+    forward_cap: Duration,
 }
 
 impl Proposer {
-    pub fn new(id: NodeId, raft: Raft, peers: PeerClients, timeout: Duration) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        peers: PeerClients,
+        timeout: Duration,
+        forward_cap: Duration,
+    ) -> Self {
         Self {
             id,
             raft,
             peers,
             timeout,
+            forward_cap,
         }
     }
 
@@ -145,7 +155,9 @@ impl Proposer {
                 Some(p) if p == self.id => self.read_index_here().await,
                 Some(p) => match self.peers.get(p) {
                     Some(peer) => {
-                        let left = deadline.saturating_duration_since(Instant::now());
+                        let left = deadline
+                            .saturating_duration_since(Instant::now())
+                            .min(self.forward_cap);
                         peer.call::<_, Option<u64>>(PeerRpc::ReadIndex, &(), left)
                             .await
                             .ok()
@@ -237,7 +249,9 @@ impl Proposer {
                 "primary {primary} is not in the config"
             ))));
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.forward_cap);
         match peer
             .call::<_, ProposeOutcome>(PeerRpc::Propose, command, remaining)
             .await

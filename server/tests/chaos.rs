@@ -52,7 +52,16 @@ async fn verdict(name: &str, cluster: &mut Cluster, h: History) {
         .unwrap_or(0);
     let current = cluster.client().current_id("").await.unwrap();
     let line = report.line(name);
-    let _ = writeln!(std::io::stderr(), "{line}");
+    if let Ok(dir) = std::env::var("CHAOS_LOG_DIR") {
+        for id in cluster.ids() {
+            let _ = std::fs::write(format!("{dir}/{name}-node-{id}.log"), cluster.log(id));
+        }
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "{line}\n  unavailable after each fault (ms): {:?}",
+        report.windows_ms
+    );
     assert!(report.is_safe(), "{line}\n{}", report.details.join("\n"));
     assert!(report.ok > 0, "{line}: nothing succeeded");
     let primary = cluster.wait_for_primary().await.unwrap();

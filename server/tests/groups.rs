@@ -560,8 +560,10 @@ async fn retained_messages_travel_in_snapshots_to_a_lagging_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_primary_coming_back_removes_nobody() {
+    // A failure timeout of two intervals must cover an election plus a client stepping over
+    // the frozen node (one interval per attempt): 400 ms intervals leave room on a busy machine.
     let mut cluster =
-        started(Cluster::builder(SERVER).set("client_heartbeat_interval_ms", 200)).await;
+        started(Cluster::builder(SERVER).set("client_heartbeat_interval_ms", 400)).await;
     let primary = cluster.wait_for_primary().await.unwrap();
     let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
     // The client starts at a follower, so its heartbeats travel the forwarding path.

@@ -355,6 +355,8 @@ pub struct Report {
     pub phantom: usize,
     pub gaps: usize,
     pub max_unavailable_ms: u128,
+    /// The longest window without a successful id operation after each fault, in order.
+    pub windows_ms: Vec<u128>,
     pub removed: usize,
     /// The offending operations, for the failure message.
     pub details: Vec<String>,
@@ -497,12 +499,16 @@ pub fn check(h: &History) -> Report {
         }
     }
 
-    r.max_unavailable_ms = max_unavailable(h).as_millis();
+    r.windows_ms = unavailable_windows(h)
+        .iter()
+        .map(|d| d.as_millis())
+        .collect();
+    r.max_unavailable_ms = r.windows_ms.iter().copied().max().unwrap_or(0);
     r
 }
 
-/// The longest stretch without a successful id operation in the 10 s after each fault.
-fn max_unavailable(h: &History) -> Duration {
+/// For each fault, the longest stretch without a successful id operation in the 10 s after it.
+fn unavailable_windows(h: &History) -> Vec<Duration> {
     let mut done: Vec<Instant> = h
         .ids
         .iter()
@@ -510,14 +516,24 @@ fn max_unavailable(h: &History) -> Duration {
         .map(|o| o.complete)
         .collect();
     done.sort();
-    let mut worst = Duration::ZERO;
-    for &f in &h.faults {
-        let window_end = f + Duration::from_secs(10);
-        let mut prev = f;
-        for &t in done.iter().filter(|t| **t > f && **t <= window_end) {
-            worst = worst.max(t - prev);
-            prev = t;
-        }
-    }
-    worst
+    h.faults
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            // Up to the next fault, and at most 10 s.
+            let next = h
+                .faults
+                .get(i + 1)
+                .copied()
+                .unwrap_or(f + Duration::from_secs(10));
+            let window_end = next.min(f + Duration::from_secs(10));
+            let mut prev = f;
+            let mut worst = Duration::ZERO;
+            for &t in done.iter().filter(|t| **t > f && **t <= window_end) {
+                worst = worst.max(t - prev);
+                prev = t;
+            }
+            worst
+        })
+        .collect()
 }
