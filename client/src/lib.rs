@@ -303,7 +303,7 @@ impl Client {
     /// Tells the primary this client is alive; send one every `heartbeat_interval_ms`, which
     /// the answer repeats.
     ///
-    /// A heartbeat is only useful on time: each server gets one interval to answer and the
+    /// A heartbeat is only useful on time: each server gets half an interval to answer and the
     /// pause between rounds stays short, so a hung server is left behind well before the
     /// primary's failure timeout.
     pub async fn heartbeat(&self, me: &Identity) -> Result<pb::HeartbeatResponse, ClientError> {
@@ -318,7 +318,7 @@ impl Client {
                     let req = req.clone();
                     async move { TrackerClient::new(ch).heartbeat(req).await }
                 },
-                interval,
+                interval / 2,
                 interval / 4,
             )
             .await?;

@@ -1,8 +1,8 @@
 //! Client liveness: heartbeats reach the primary (from any node) and live only in its memory;
 //! the primary's detector writes the removal of silent clients into the log as a `Fail`.
 //!
-//! A node that becomes primary starts every client's timeout afresh, so a failover never
-//! removes a client that was heartbeating to the old primary. A primary accepts heartbeats only
+//! A node that becomes primary gives every client two full timeouts (one to find the new
+//! primary), so a failover never removes a client that was heartbeating to the old primary. A primary accepts heartbeats only
 //! while a quorum confirmed its leadership recently (a lease shorter than an election), so a
 //! deposed primary that has not noticed yet cannot swallow them.
 
@@ -194,8 +194,11 @@ impl Liveness {
                 let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
                 if leading_term != Some(term) || !had_lease {
                     // New primary, or heartbeats were refused for a while: every client gets
-                    // a full timeout from now.
+                    // a full timeout, and one more to find this primary, from now.
                     seen.clear();
+                    for id in &clients {
+                        seen.insert(*id, now + self.failure_timeout);
+                    }
                     leading_term = Some(term);
                 }
                 seen.retain(|id, _| clients.binary_search(id).is_ok());

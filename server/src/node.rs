@@ -106,7 +106,8 @@ pub async fn run(
         peers.clone(),
         proposer.clone(),
         config.failure_timeout,
-        config.request_timeout.min(config.client_heartbeat),
+        // A heartbeat that cannot reach the primary soon is better retried elsewhere.
+        config.request_timeout.min(config.client_heartbeat / 2),
         Duration::from_millis(config.election_timeout_min_ms),
     );
     tasks.spawn(

@@ -59,7 +59,8 @@ async fn verdict(name: &str, cluster: &mut Cluster, h: History) {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "{line}\n  unavailable after each fault (ms): {:?}",
+        "{line}\n  per fault (ms): recovery {:?}, longest gap {:?}",
+        report.recovery_ms,
         report.windows_ms
     );
     assert!(report.is_safe(), "{line}\n{}", report.details.join("\n"));

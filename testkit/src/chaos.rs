@@ -357,6 +357,8 @@ pub struct Report {
     pub max_unavailable_ms: u128,
     /// The longest window without a successful id operation after each fault, in order.
     pub windows_ms: Vec<u128>,
+    /// From each fault to the first successful id operation invoked after it.
+    pub recovery_ms: Vec<u128>,
     pub removed: usize,
     /// The offending operations, for the failure message.
     pub details: Vec<String>,
@@ -371,9 +373,10 @@ impl Report {
     /// The one summary line of a scenario.
     pub fn line(&self, scenario: &str) -> String {
         format!(
-            "{scenario}: ops={} ok={} failed={} indeterminate={} faults={} lost={} dup={} nonlinear={} reordered={} phantom={} gaps={} removed={} max_unavailable_ms={}",
+            "{scenario}: ops={} ok={} failed={} indeterminate={} faults={} lost={} dup={} nonlinear={} reordered={} phantom={} gaps={} removed={} max_recovery_ms={} max_unavailable_ms={}",
             self.ops, self.ok, self.failed, self.indeterminate, self.faults, self.lost, self.dup,
-            self.nonlinear, self.reordered, self.phantom, self.gaps, self.removed, self.max_unavailable_ms
+            self.nonlinear, self.reordered, self.phantom, self.gaps, self.removed,
+            self.recovery_ms.iter().max().unwrap_or(&0), self.max_unavailable_ms
         )
     }
 }
@@ -504,6 +507,18 @@ pub fn check(h: &History) -> Report {
         .map(|d| d.as_millis())
         .collect();
     r.max_unavailable_ms = r.windows_ms.iter().copied().max().unwrap_or(0);
+    r.recovery_ms = h
+        .faults
+        .iter()
+        .map(|&f| {
+            h.ids
+                .iter()
+                .filter(|o| o.outcome == Outcome::Ok && o.invoke >= f)
+                .map(|o| (o.complete - f).as_millis())
+                .min()
+                .unwrap_or(u128::MAX)
+        })
+        .collect();
     r
 }
 
