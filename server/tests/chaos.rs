@@ -39,8 +39,8 @@ async fn cluster(proxies: bool) -> Cluster {
 
 /// Checks the history, prints the summary line (past the test harness's capture), and fails
 /// the test on any safety violation.
-async fn verdict(name: &str, cluster: &mut Cluster, h: History) {
-    let report = check(&h);
+async fn verdict(name: &str, cluster: &mut Cluster, h: &History) {
+    let report = check(h);
     // The final state has allocated at least every id handed out.
     cluster.wait_for_primary().await.unwrap();
     let highest = h
@@ -73,63 +73,84 @@ async fn verdict(name: &str, cluster: &mut Cluster, h: History) {
     );
 }
 
+/// One scenario: the cluster, the workload on it, and until when faults are injected.
+struct Run {
+    cluster: Cluster,
+    workload: Workload,
+    end: Instant,
+    _one: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Run {
+    async fn start(proxies: bool) -> Run {
+        let one = SERIAL.lock().await;
+        let cluster = cluster(proxies).await;
+        let workload = Workload::start(&cluster, 2, 3).await;
+        Run {
+            cluster,
+            workload,
+            end: Instant::now() + chaos_time(),
+            _one: one,
+        }
+    }
+
+    /// Whether to inject another fault.
+    fn going(&self) -> bool {
+        Instant::now() < self.end
+    }
+
+    /// Lets the load run a little, stops it, and checks the history.
+    async fn finish(mut self, name: &str) -> (Cluster, History) {
+        run_for(Duration::from_millis(500)).await;
+        let h = self.workload.finish().await;
+        verdict(name, &mut self.cluster, &h).await;
+        (self.cluster, h)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_primary() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = cluster(false).await;
-    let mut w = Workload::start(&cluster, 2, 3).await;
-    let end = Instant::now() + chaos_time();
-    while Instant::now() < end {
+    let mut r = Run::start(false).await;
+    while r.going() {
         run_for(Duration::from_millis(700)).await;
-        let p = cluster.wait_for_primary().await.unwrap();
-        w.fault();
-        cluster.kill(p);
-        cluster.wait_for_primary().await.unwrap();
-        cluster.start_node(p).unwrap();
+        let p = r.cluster.wait_for_primary().await.unwrap();
+        r.workload.fault();
+        r.cluster.kill(p);
+        r.cluster.wait_for_primary().await.unwrap();
+        r.cluster.start_node(p).unwrap();
     }
-    run_for(Duration::from_millis(500)).await;
-    let h = w.finish().await;
-    verdict("kill-primary", &mut cluster, h).await;
+    r.finish("kill-primary").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_follower() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = cluster(false).await;
-    let mut w = Workload::start(&cluster, 2, 3).await;
-    let end = Instant::now() + chaos_time();
-    while Instant::now() < end {
+    let mut r = Run::start(false).await;
+    while r.going() {
         run_for(Duration::from_millis(700)).await;
-        let p = cluster.wait_for_primary().await.unwrap();
-        let f = cluster.ids().into_iter().find(|&id| id != p).unwrap();
-        w.fault();
-        cluster.kill(f);
+        let p = r.cluster.wait_for_primary().await.unwrap();
+        let f = r.cluster.ids().into_iter().find(|&id| id != p).unwrap();
+        r.workload.fault();
+        r.cluster.kill(f);
         run_for(Duration::from_millis(500)).await;
-        cluster.start_node(f).unwrap();
-        cluster.wait_for_primary().await.unwrap();
+        r.cluster.start_node(f).unwrap();
+        r.cluster.wait_for_primary().await.unwrap();
     }
-    run_for(Duration::from_millis(500)).await;
-    let h = w.finish().await;
-    verdict("kill-follower", &mut cluster, h).await;
+    r.finish("kill-follower").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_all() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = cluster(false).await;
-    let mut w = Workload::start(&cluster, 2, 3).await;
-    let end = Instant::now() + chaos_time();
-    while Instant::now() < end {
+    let mut r = Run::start(false).await;
+    while r.going() {
         run_for(Duration::from_millis(1000)).await;
-        w.fault();
-        cluster.kill_all();
-        for id in cluster.ids() {
-            cluster.start_node(id).unwrap();
+        r.workload.fault();
+        r.cluster.kill_all();
+        for id in r.cluster.ids() {
+            r.cluster.start_node(id).unwrap();
         }
-        cluster.wait_for_primary().await.unwrap();
+        r.cluster.wait_for_primary().await.unwrap();
     }
-    run_for(Duration::from_millis(500)).await;
-    let h = w.finish().await;
+    let (mut cluster, h) = r.finish("kill-all").await;
     // Power loss once more: the next id is above every id ever acknowledged.
     cluster.kill_all();
     for id in cluster.ids() {
@@ -148,88 +169,68 @@ async fn kill_all() {
         next > acked,
         "after a restart of every node, id {next} is not above {acked}"
     );
-    verdict("kill-all", &mut cluster, h).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_primary() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = cluster(false).await;
-    let mut w = Workload::start(&cluster, 2, 3).await;
-    let end = Instant::now() + chaos_time();
-    while Instant::now() < end {
+    let mut r = Run::start(false).await;
+    while r.going() {
         run_for(Duration::from_millis(700)).await;
-        let p = cluster.wait_for_primary().await.unwrap();
-        let others: Vec<u64> = cluster.ids().into_iter().filter(|&id| id != p).collect();
-        w.fault();
-        cluster.signal(p, libc::SIGSTOP).unwrap();
+        let p = r.cluster.wait_for_primary().await.unwrap();
+        let others: Vec<u64> = r.cluster.ids().into_iter().filter(|&id| id != p).collect();
+        r.workload.fault();
+        r.cluster.signal(p, libc::SIGSTOP).unwrap();
         // Paused past an election: the others choose a new primary meanwhile.
-        cluster.wait_for_primary_among(&others).await.unwrap();
-        cluster.signal(p, libc::SIGCONT).unwrap();
-        cluster.wait_for_primary().await.unwrap();
+        r.cluster.wait_for_primary_among(&others).await.unwrap();
+        r.cluster.signal(p, libc::SIGCONT).unwrap();
+        r.cluster.wait_for_primary().await.unwrap();
     }
-    run_for(Duration::from_millis(500)).await;
-    let h = w.finish().await;
-    verdict("pause-primary", &mut cluster, h).await;
+    r.finish("pause-primary").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition_primary() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = cluster(true).await;
-    let mut w = Workload::start(&cluster, 2, 3).await;
-    let end = Instant::now() + chaos_time();
-    while Instant::now() < end {
+    let mut r = Run::start(true).await;
+    while r.going() {
         run_for(Duration::from_millis(700)).await;
-        let p = cluster.wait_for_primary().await.unwrap();
-        let others: Vec<u64> = cluster.ids().into_iter().filter(|&id| id != p).collect();
-        w.fault();
-        cluster.isolate(p);
-        cluster.wait_for_primary_among(&others).await.unwrap();
+        let p = r.cluster.wait_for_primary().await.unwrap();
+        let others: Vec<u64> = r.cluster.ids().into_iter().filter(|&id| id != p).collect();
+        r.workload.fault();
+        r.cluster.isolate(p);
+        r.cluster.wait_for_primary_among(&others).await.unwrap();
         run_for(Duration::from_millis(300)).await;
-        cluster.heal();
-        cluster.wait_for_primary().await.unwrap();
+        r.cluster.heal();
+        r.cluster.wait_for_primary().await.unwrap();
     }
-    run_for(Duration::from_millis(500)).await;
-    let h = w.finish().await;
-    verdict("partition-primary", &mut cluster, h).await;
+    r.finish("partition-primary").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition_follower() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = cluster(true).await;
-    let mut w = Workload::start(&cluster, 2, 3).await;
-    let end = Instant::now() + chaos_time();
-    while Instant::now() < end {
+    let mut r = Run::start(true).await;
+    while r.going() {
         run_for(Duration::from_millis(700)).await;
-        let p = cluster.wait_for_primary().await.unwrap();
-        let f = cluster.ids().into_iter().find(|&id| id != p).unwrap();
-        w.fault();
-        cluster.isolate(f);
+        let p = r.cluster.wait_for_primary().await.unwrap();
+        let f = r.cluster.ids().into_iter().find(|&id| id != p).unwrap();
+        r.workload.fault();
+        r.cluster.isolate(f);
         run_for(Duration::from_millis(1000)).await;
-        cluster.heal();
-        cluster.wait_for_primary().await.unwrap();
+        r.cluster.heal();
+        r.cluster.wait_for_primary().await.unwrap();
     }
-    run_for(Duration::from_millis(500)).await;
-    let h = w.finish().await;
-    verdict("partition-follower", &mut cluster, h).await;
+    r.finish("partition-follower").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart() {
-    let _one = SERIAL.lock().await;
-    let mut cluster = cluster(false).await;
-    let mut w = Workload::start(&cluster, 2, 3).await;
-    for id in cluster.ids() {
+    let mut r = Run::start(false).await;
+    for id in r.cluster.ids() {
         run_for(Duration::from_millis(500)).await;
-        w.fault();
-        let status = cluster.signal_and_wait(id, libc::SIGTERM).unwrap();
+        r.workload.fault();
+        let status = r.cluster.signal_and_wait(id, libc::SIGTERM).unwrap();
         assert!(status.success(), "node {id} stopped with {status}");
-        cluster.start_node(id).unwrap();
-        cluster.wait_for_primary().await.unwrap();
+        r.cluster.start_node(id).unwrap();
+        r.cluster.wait_for_primary().await.unwrap();
     }
-    run_for(Duration::from_millis(500)).await;
-    let h = w.finish().await;
-    verdict("rolling-restart", &mut cluster, h).await;
+    r.finish("rolling-restart").await;
 }
