@@ -9,6 +9,7 @@ pub mod allocator;
 pub mod api;
 pub mod batch;
 pub mod config;
+pub mod datadir;
 pub mod error;
 pub mod liveness;
 pub mod node;

@@ -25,6 +25,7 @@ use crate::api::messenger::MessengerApi;
 use crate::api::sequencer::SequencerApi;
 use crate::api::tracker::TrackerApi;
 use crate::config::Config;
+use crate::datadir::DataDir;
 use crate::error::Error;
 use crate::liveness::Liveness;
 use crate::peer::{PeerClients, PeerService, PEER_MESSAGE_LIMIT};
@@ -54,7 +55,9 @@ pub async fn run(
         )));
     }
     let dir = config.node_dir(id);
-    let (log, sm) = open_store(&dir)?;
+    // Held until this function returns: nobody else may open this node's data meanwhile.
+    let data = DataDir::lock(&dir)?;
+    let (log, sm) = open_store(&data)?;
     sm.set_node_id(id);
     let reader = sm.reader();
     let commit = log.commit_index();

@@ -294,3 +294,33 @@ async fn reflection_lists_the_public_services_and_never_the_peer_service() {
         .await;
     assert_eq!(on_peer.unwrap().into_inner().node_id, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_a_data_dir_refuses_naming_the_holder_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let mut cluster = Cluster::builder(SERVER).nodes(1).start().unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    let holder = cluster.node(1).pid().unwrap();
+    let data = cluster.dir().join("data");
+
+    // The same node's data on other ports, so only the data dir stands in the way.
+    let ports = free_ports(2).unwrap();
+    let other = json!({"nodes": [{"id": 1, "addr": format!("127.0.0.1:{}", ports[0]),
+                                  "peer_addr": format!("127.0.0.1:{}", ports[1])}],
+                       "data_dir": data});
+    std::fs::write(cluster.dir().join("other.json"), other.to_string()).unwrap();
+    let (ok, stderr) = run_server(&["--config", "other.json", "--node", "1"], cluster.dir());
+    assert!(!ok, "a second process opened a data dir in use");
+    let node_dir = data.join("node-1");
+    assert!(stderr.contains(&node_dir.display().to_string()), "{stderr}");
+    assert!(stderr.contains(&format!("pid {holder}")), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // The node it ran into is untouched.
+    cluster.client().get_id("").await.unwrap();
+
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&node_dir), 0o700);
+    assert_eq!(mode(&node_dir.join("raft.redb")), 0o600);
+    assert_eq!(mode(&node_dir.join("LOCK")), 0o600);
+}

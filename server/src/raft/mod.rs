@@ -13,12 +13,12 @@ pub mod state_machine;
 mod suite_test;
 
 use std::io::Cursor;
-use std::path::Path;
 use std::sync::Arc;
 
 use openraft::SnapshotPolicy;
 
 use crate::config::Config;
+use crate::datadir::DataDir;
 use crate::error::Error;
 use crate::state::{Command, Reply};
 
@@ -37,13 +37,15 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// A Raft log id (term, leader, index).
 pub type LogId = openraft::LogId<NodeId>;
 
-/// Opens (or creates) the node's redb file and returns its log store and state machine.
-pub fn open_store(dir: &Path) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Internal(format!("creating data dir {}: {e}", dir.display())))?;
-    let path = dir.join("raft.redb");
+/// Opens (or creates) the node's redb file in its locked data dir and returns its log store
+/// and state machine.
+pub fn open_store(
+    dir: &DataDir,
+) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
+    let path = dir.path().join("raft.redb");
     let db = redb::Database::create(&path)
         .map_err(|e| Error::Internal(format!("opening {}: {e}", path.display())))?;
+    dir.protect("raft.redb")?;
     let db = Arc::new(db);
     let log = log_store::LogStore::open(db.clone())?;
     let sm = state_machine::StateMachine::open(db)?;

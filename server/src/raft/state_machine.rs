@@ -357,7 +357,8 @@ mod tests {
     #[tokio::test]
     async fn an_older_snapshot_never_replaces_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, sm) = crate::raft::open_store(dir.path()).unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (_, sm) = crate::raft::open_store(&data).unwrap();
         sm.save_snapshot(stored(500)).await.unwrap();
         sm.save_snapshot(stored(100)).await.unwrap();
         let kept = sm.load_snapshot().unwrap().unwrap();

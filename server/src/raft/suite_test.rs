@@ -8,6 +8,7 @@ use tempfile::TempDir;
 use super::log_store::LogStore;
 use super::state_machine::StateMachine;
 use super::{open_store, NodeId, TypeConfig};
+use crate::datadir::DataDir;
 
 /// Builds a fresh store in its own temp dir for each suite case; the dir is the guard.
 struct RedbStoreBuilder;
@@ -15,7 +16,8 @@ struct RedbStoreBuilder;
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RedbStoreBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = TempDir::new().expect("creating temp dir");
-        let (log, sm) = open_store(dir.path()).expect("opening redb store");
+        let data = DataDir::lock(dir.path()).expect("locking data dir");
+        let (log, sm) = open_store(&data).expect("opening redb store");
         Ok((dir, log, sm))
     }
 }

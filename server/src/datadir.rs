@@ -1,0 +1,75 @@
+//! One data dir, one owner: an advisory lock that names the process holding it, and
+//! owner-only permissions (dir 0700, files 0600), since the log holds every token hash.
+
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::Error;
+
+/// A node's data dir, locked for as long as this value lives (the kernel drops the lock when
+/// the process dies, however it dies).
+pub struct DataDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Internal(format!("{what} {}: {e}", path.display()))
+}
+
+impl DataDir {
+    /// Creates `path` if needed and takes its lock, or says which process holds it.
+    pub fn lock(path: &Path) -> Result<DataDir, Error> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| io("creating data dir", path, e))?;
+        std::fs::set_permissions(path, Permissions::from_mode(0o700))
+            .map_err(|e| io("restricting data dir", path, e))?;
+        let lock_path = path.join("LOCK");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io("opening lock file", &lock_path, e))?;
+        // Safety: flock on a descriptor we own; it is released when the file is closed.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !locked {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "unknown" } else { holder };
+            return Err(Error::Internal(format!(
+                "data dir {} is in use by another process (pid {holder}); one data dir, one node",
+                path.display()
+            )));
+        }
+        let pid = std::process::id().to_string();
+        lock.set_len(0)
+            .and_then(|_| lock.seek(SeekFrom::Start(0)))
+            .and_then(|_| lock.write_all(pid.as_bytes()))
+            .map_err(|e| io("writing lock file", &lock_path, e))?;
+        Ok(DataDir {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Restricts a file of the dir to its owner.
+    pub fn protect(&self, name: &str) -> Result<(), Error> {
+        let file = self.path.join(name);
+        std::fs::set_permissions(&file, Permissions::from_mode(0o600))
+            .map_err(|e| io("restricting", &file, e))
+    }
+}
