@@ -17,13 +17,9 @@ const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
 /// Clients that each start at a different node and move on when it is down.
 fn rotating_clients(cluster: &Cluster, n: usize) -> Vec<Arc<Client>> {
-    let addrs = cluster.addrs();
+    let ids = cluster.ids();
     (0..n)
-        .map(|i| {
-            let mut rotated = addrs.clone();
-            rotated.rotate_left(i % addrs.len());
-            Arc::new(Client::new(rotated).unwrap())
-        })
+        .map(|i| Arc::new(cluster.client_from(ids[i % ids.len()])))
         .collect()
 }
 
@@ -146,10 +142,8 @@ async fn the_client_discovers_the_primary_and_follows_it_after_a_failover() {
     let mut cluster = Cluster::builder(SERVER).start().unwrap();
     let primary = cluster.wait_for_primary().await.unwrap();
     // Start the client at a follower: discovery must move it to the primary.
-    let mut addrs = cluster.addrs();
-    let n = addrs.len();
-    addrs.rotate_left(primary as usize % n);
-    let client = Client::new(addrs).unwrap();
+    let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let client = cluster.client_from(follower);
     assert_eq!(
         client.discover_primary().await.unwrap(),
         Some(primary as u32)

@@ -282,9 +282,7 @@ async fn no_acknowledged_message_is_lost_or_reordered_when_the_primary_dies() {
     let mut senders = Vec::new();
     let mut alive = Vec::new();
     for i in 0..3usize {
-        let mut addrs = cluster.addrs();
-        addrs.rotate_left(i);
-        let c = Arc::new(Client::new(addrs).unwrap());
+        let c = Arc::new(cluster.client_from(i as u64 + 1));
         let (me, _, guard) = member(&c, &format!("w{i}"), "g").await;
         alive.push(guard);
         let stop = stop.clone();
@@ -567,10 +565,7 @@ async fn a_paused_primary_coming_back_removes_nobody() {
     let primary = cluster.wait_for_primary().await.unwrap();
     let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
     // The client starts at a follower, so its heartbeats travel the forwarding path.
-    let first = cluster.node(follower).addr.clone();
-    let mut addrs = vec![first.clone()];
-    addrs.extend(cluster.addrs().into_iter().filter(|a| *a != first));
-    let c = Client::new(addrs).unwrap();
+    let c = cluster.client_from(follower);
     let (me, _, _alive) = member(&c, "steady", "g").await;
 
     // Frozen for many failure timeouts: the others elect a new primary, which the client

@@ -91,21 +91,10 @@ pub struct Workload {
     addrs: Vec<String>,
 }
 
-fn rotated(addrs: &[String], first: usize) -> Vec<String> {
-    let mut a = addrs.to_vec();
-    let n = a.len();
-    a.rotate_left(first % n);
-    a
-}
-
-/// A client that starts at the `i`-th server and fails over to the others, giving up on one
-/// call after `deadline`.
-fn client_at(addrs: &[String], i: usize, deadline: Duration) -> Arc<Client> {
-    Arc::new(
-        Client::new(rotated(addrs, i))
-            .expect("valid addresses")
-            .with_deadline(deadline),
-    )
+/// A client that starts at node `id` and fails over to the others, giving up on one call
+/// after `deadline`.
+fn client_from(cluster: &Cluster, id: u64, deadline: Duration) -> Arc<Client> {
+    Arc::new(cluster.client_from(id).with_deadline(deadline))
 }
 
 async fn registered(client: &Client, name: &str) -> Identity {
@@ -132,7 +121,8 @@ impl Workload {
     /// Starts `per_node` id clients per node, `senders` senders and one subscriber per node.
     pub async fn start(cluster: &Cluster, per_node: usize, senders: usize) -> Workload {
         let addrs = cluster.addrs();
-        let n = addrs.len();
+        let ids = cluster.ids();
+        let n = ids.len();
         let stop = Arc::new(AtomicBool::new(false));
         let subs_stop = Arc::new(AtomicBool::new(false));
         let op_deadline = Duration::from_secs(3);
@@ -149,7 +139,7 @@ impl Workload {
         };
         // Subscribers first, from their join on, so they see every message.
         for node in 0..n {
-            let client = client_at(&addrs, node, Duration::from_secs(10));
+            let client = client_from(cluster, ids[node % n], Duration::from_secs(10));
             let me = registered(&client, &format!("sub{node}")).await;
             let from = client.join(&me, GROUP).await.expect("join").next_seq;
             w.heartbeats.push(heartbeat(client.clone(), me.clone()));
@@ -158,7 +148,7 @@ impl Workload {
                 .push(tokio::spawn(follow(client, me, from, stop, end)));
         }
         for s in 0..senders {
-            let client = client_at(&addrs, s, op_deadline);
+            let client = client_from(cluster, ids[s % n], op_deadline);
             let me = registered(&client, &format!("sender{s}")).await;
             w.heartbeats.push(heartbeat(client.clone(), me.clone()));
             let stop = stop.clone();
@@ -210,7 +200,7 @@ impl Workload {
         }
         for node in 0..n {
             for t in 0..per_node {
-                let client = client_at(&addrs, node, op_deadline);
+                let client = client_from(cluster, ids[node % n], op_deadline);
                 let stop = stop.clone();
                 w.id_tasks.push(tokio::spawn(async move {
                     let mut ops = Vec::new();

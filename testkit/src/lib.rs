@@ -261,6 +261,18 @@ impl Cluster {
         Client::new(self.addrs()).expect("valid addresses")
     }
 
+    /// A client that starts at node `id` and fails over to the others, in id order.
+    pub fn client_from(&self, id: u64) -> Client {
+        let mut addrs = self.addrs();
+        let first = self
+            .nodes
+            .iter()
+            .position(|n| n.id == id)
+            .expect("no such node");
+        addrs.rotate_left(first);
+        Client::new(addrs).expect("valid addresses")
+    }
+
     /// A client bound to node `id` only (no failover).
     pub fn client_for(&self, id: u64) -> Client {
         Client::new([self.node(id).addr.clone()]).expect("valid address")
