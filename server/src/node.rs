@@ -30,6 +30,7 @@ use crate::error::Error;
 use crate::liveness::Liveness;
 use crate::peer::{PeerClients, PeerService, PEER_MESSAGE_LIMIT};
 use crate::proposer::Proposer;
+use crate::raft::election::Election;
 use crate::raft::network::Network;
 use crate::raft::{open_store, raft_config, NodeId, Raft};
 use crate::sender::{SendPlan, Sender};
@@ -119,6 +120,15 @@ pub async fn run(
             .run_detector(config.group_limits, stop_peers_rx.clone()),
     );
 
+    let election = Election::new(
+        id,
+        raft.clone(),
+        Duration::from_millis(config.election_timeout_max_ms),
+        Duration::from_millis(config.election_timeout_max_ms - config.election_timeout_min_ms),
+    );
+    // Stops with the client listener, so a stopping node starts no election.
+    tasks.spawn(election.clone().run(stop_clients_rx.clone()));
+
     let (reporter, health) = tonic_health::server::health_reporter();
     tasks.spawn(watch_primary(id, raft.clone(), reporter));
     // grpcurl and other tools speak either reflection version; serve both.
@@ -168,9 +178,15 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_clients_rx));
     let peer_server = Server::builder()
         .add_service(
-            PeerServer::new(PeerService::new(id, raft.clone(), proposer, liveness))
-                .max_decoding_message_size(PEER_MESSAGE_LIMIT)
-                .max_encoding_message_size(PEER_MESSAGE_LIMIT),
+            PeerServer::new(PeerService::new(
+                id,
+                raft.clone(),
+                proposer,
+                liveness,
+                election,
+            ))
+            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+            .max_encoding_message_size(PEER_MESSAGE_LIMIT),
         )
         .serve_with_incoming_shutdown(incoming(listeners.peer), stopped(stop_peers_rx));
     let client_task = tokio::spawn(client_server);

@@ -158,10 +158,12 @@ impl Proposer {
                         let left = deadline
                             .saturating_duration_since(Instant::now())
                             .min(self.forward_cap);
-                        peer.call::<_, Option<u64>>(PeerRpc::ReadIndex, &(), left)
-                            .await
-                            .ok()
-                            .flatten()
+                        tokio::select! {
+                            index = peer.call::<_, Option<u64>>(PeerRpc::ReadIndex, &(), left) => {
+                                index.ok().flatten()
+                            }
+                            _ = self.primary_moves_from(p) => None,
+                        }
                     }
                     None => None,
                 },
@@ -211,6 +213,22 @@ impl Proposer {
             })
     }
 
+    /// Resolves once this node sees a primary other than `from`, naming it. A call in flight
+    /// to a deposed primary (crashed, frozen or cut off) is then dropped at once rather than
+    /// held to `forward_cap`; its retry is as safe as one after a timeout.
+    async fn primary_moves_from(&self, from: NodeId) -> NodeId {
+        let mut metrics = self.raft.metrics();
+        let moved = metrics
+            .wait_for(|m| matches!(m.current_leader, Some(l) if l != from))
+            .await
+            .map(|m| m.current_leader);
+        match moved {
+            Ok(Some(to)) => to,
+            // Raft has stopped; the call's own timeout ends the wait.
+            _ => std::future::pending().await,
+        }
+    }
+
     async fn propose_here(
         &self,
         command: Command,
@@ -252,10 +270,15 @@ impl Proposer {
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .min(self.forward_cap);
-        match peer
-            .call::<_, ProposeOutcome>(PeerRpc::Propose, command, remaining)
-            .await
-        {
+        let outcome = tokio::select! {
+            outcome = peer.call::<_, ProposeOutcome>(PeerRpc::Propose, command, remaining) => outcome,
+            to = self.primary_moves_from(primary) => {
+                return Err(Attempt::Retry(format!(
+                    "primary moved from {primary} to {to} during the forward"
+                )))
+            }
+        };
+        match outcome {
             Ok(ProposeOutcome::Committed(c)) => Ok(c),
             Ok(ProposeOutcome::NotPrimary { primary: p }) => Err(Attempt::Retry(format!(
                 "node {primary} is no longer primary (it names {p:?})"

@@ -59,9 +59,10 @@ async fn verdict(name: &str, cluster: &mut Cluster, h: &History) {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "{line}\n  per fault (ms): recovery {:?}, longest gap {:?}",
+        "{line}\n  per fault (ms): recovery {:?}, longest gap {:?}; refusals by code: {:?}",
         report.recovery_ms,
-        report.windows_ms
+        report.windows_ms,
+        report.failed_codes
     );
     assert!(report.is_safe(), "{line}\n{}", report.details.join("\n"));
     assert!(report.ok > 0, "{line}: nothing succeeded");

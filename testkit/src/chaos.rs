@@ -25,8 +25,8 @@ pub const GROUP: &str = "chaos";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
-    /// A definite refusal: nothing happened.
-    Failed,
+    /// A definite refusal, with its code: nothing happened.
+    Failed(Code),
     /// Timed out or lost its connection: it may or may not have taken effect.
     Indeterminate,
 }
@@ -36,7 +36,7 @@ fn outcome(e: &ClientError) -> Outcome {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
             Outcome::Indeterminate
         }
-        _ => Outcome::Failed,
+        code => Outcome::Failed(code),
     }
 }
 
@@ -350,6 +350,8 @@ pub struct Report {
     /// From each fault to the first successful id operation invoked after it.
     pub recovery_ms: Vec<u128>,
     pub removed: usize,
+    /// Definite refusals by gRPC code.
+    pub failed_codes: std::collections::BTreeMap<String, usize>,
     /// The offending operations, for the failure message.
     pub details: Vec<String>,
 }
@@ -387,7 +389,10 @@ pub fn check(h: &History) -> Report {
         r.ops += 1;
         match o {
             Outcome::Ok => r.ok += 1,
-            Outcome::Failed => r.failed += 1,
+            Outcome::Failed(code) => {
+                r.failed += 1;
+                *r.failed_codes.entry(format!("{code:?}")).or_default() += 1;
+            }
             Outcome::Indeterminate => r.indeterminate += 1,
         }
     }

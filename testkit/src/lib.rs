@@ -114,7 +114,11 @@ impl Builder {
 
     /// Writes config.json and starts every node. Does not wait for a primary.
     pub fn start(self) -> anyhow::Result<Cluster> {
-        let dir = tempfile::Builder::new().prefix("seqtest").tempdir()?;
+        // SEQTEST_KEEP=1 leaves every cluster's dir (node logs, data) behind for a post-mortem.
+        let dir = tempfile::Builder::new()
+            .prefix("seqtest")
+            .disable_cleanup(std::env::var_os("SEQTEST_KEEP").is_some())
+            .tempdir()?;
         let ports = free_ports(self.nodes * 2)?;
         let nodes: Vec<Node> = (0..self.nodes)
             .map(|i| Node {

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use crate::liveness::{HeartbeatMsg, Liveness};
 use crate::proposer::Proposer;
 use crate::raft::codec::{decode, encode};
+use crate::raft::election::Election;
 use crate::raft::{NodeId, Raft, TypeConfig};
 use crate::state::Command;
 
@@ -19,15 +20,23 @@ pub struct PeerService {
     raft: Raft,
     proposer: Proposer,
     liveness: Liveness,
+    election: Election,
 }
 
 impl PeerService {
-    pub fn new(id: NodeId, raft: Raft, proposer: Proposer, liveness: Liveness) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        proposer: Proposer,
+        liveness: Liveness,
+        election: Election,
+    ) -> Self {
         Self {
             id,
             raft,
             proposer,
             liveness,
+            election,
         }
     }
 }
@@ -49,12 +58,16 @@ impl Peer for PeerService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = parse(req)?;
-        reply(&self.raft.append_entries(req).await)
+        let resp = self.raft.append_entries(req).await;
+        self.election.append_answered(&resp);
+        reply(&resp)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let req: VoteRequest<NodeId> = parse(req)?;
-        reply(&self.raft.vote(req).await)
+        let resp = self.raft.vote(req.clone()).await;
+        self.election.vote_answered(&req, &resp);
+        reply(&resp)
     }
 
     async fn install_snapshot(
@@ -62,7 +75,9 @@ impl Peer for PeerService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let req: InstallSnapshotRequest<TypeConfig> = parse(req)?;
-        reply(&self.raft.install_snapshot(req).await)
+        let resp = self.raft.install_snapshot(req).await;
+        self.election.snapshot_answered(&resp);
+        reply(&resp)
     }
 
     async fn propose(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -3,11 +3,17 @@
 //! Every write commits a redb transaction with `Durability::Immediate` (fsync) before it is
 //! reported done: openraft counts an append as persisted, and a vote as cast, only then.
 //! redb calls block, so they run on the blocking pool.
+//!
+//! The log is never purged past the snapshot stored in the same database. openraft 0.9 issues
+//! the purge that follows a snapshot install without waiting for the state machine to finish
+//! installing it; a crash in between left a purged log and no snapshot, and openraft then
+//! refuses to start. So a purge waits for the stored snapshot to cover it.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{Entry, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -21,6 +27,8 @@ const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const LAST_PURGED: &str = "last_purged";
+/// How long a purge waits for the state machine to store the snapshot that covers it.
+const PURGE_WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 /// The log store. Clones share the database.
 #[derive(Clone)]
@@ -28,6 +36,8 @@ pub struct LogStore {
     db: Arc<Database>,
     /// Last committed index + 1 (0: none), as openraft last told us; for Cluster.Status.
     committed: Arc<AtomicU64>,
+    /// Off only for openraft's storage suite, which purges with no snapshot at all.
+    purge_waits_for_snapshot: bool,
 }
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
@@ -41,7 +51,50 @@ impl LogStore {
         Ok(Self {
             db,
             committed: Arc::new(AtomicU64::new(0)),
+            purge_waits_for_snapshot: true,
         })
+    }
+
+    #[cfg(test)]
+    pub(super) fn without_purge_guard(mut self) -> Self {
+        self.purge_waits_for_snapshot = false;
+        self
+    }
+
+    /// Waits until the stored snapshot covers `upto`, so a crash never leaves a purged log
+    /// without the snapshot that replaces it.
+    async fn wait_for_snapshot_covering(&self, upto: LogId) -> StResult<()> {
+        let start = Instant::now();
+        let mut warned = false;
+        loop {
+            let db = self.db.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                super::state_machine::stored_snapshot_last(&db)
+            })
+            .await
+            .map_err(read_err)?
+            .map_err(read_err)?;
+            if stored.map(|l| l.index) >= Some(upto.index) {
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if waited > PURGE_WAIT_LIMIT {
+                return Err(write_err(std::io::Error::other(format!(
+                    "refusing to purge the log up to index {}: no snapshot covering it was \
+                     stored within {} s",
+                    upto.index,
+                    PURGE_WAIT_LIMIT.as_secs()
+                ))));
+            }
+            if !warned && waited > Duration::from_secs(1) {
+                tracing::warn!(
+                    upto = upto.index,
+                    "purge waiting for the snapshot to be stored"
+                );
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A handle that reads the commit index this store last saw.
@@ -214,6 +267,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> StResult<()> {
+        if self.purge_waits_for_snapshot {
+            self.wait_for_snapshot_covering(log_id).await?;
+        }
         tracing::debug!(upto = log_id.index, "purging log");
         let bytes = encode(&log_id).map_err(write_err)?;
         self.write(move |txn| {
@@ -225,5 +281,81 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, SnapshotMeta, StoredMembership};
+
+    use super::*;
+    use crate::state::State;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    fn indexes(store: &LogStore) -> Vec<u64> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(LOGS).unwrap();
+        table
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap().0.value())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_log_is_never_purged_past_the_stored_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (log, mut sm) = crate::raft::open_store(&data).unwrap();
+        let entries: Vec<(u64, Vec<u8>)> = (1..=10)
+            .map(|i| {
+                let e = Entry::<TypeConfig> {
+                    log_id: log_id(i),
+                    payload: EntryPayload::Blank,
+                };
+                (i, encode(&e).unwrap())
+            })
+            .collect();
+        log.write(move |txn| {
+            let mut t = txn.open_table(LOGS)?;
+            for (i, bytes) in &entries {
+                t.insert(*i, bytes.as_slice())?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+
+        // As after an install from the primary: the purge is issued before the snapshot is in.
+        let mut purging = log.clone();
+        let mut purge = tokio::spawn(async move { purging.purge(log_id(6)).await });
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut purge).await;
+        assert!(early.is_err(), "purged with no snapshot stored");
+        assert_eq!(indexes(&log), (1..=10).collect::<Vec<_>>());
+
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(6)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "s-6".into(),
+        };
+        let bytes = encode(&State::default()).unwrap();
+        sm.install_snapshot(&meta, Box::new(Cursor::new(bytes)))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), purge)
+            .await
+            .expect("purge still waiting after the snapshot was stored")
+            .unwrap()
+            .unwrap();
+        assert_eq!(indexes(&log), (7..=10).collect::<Vec<_>>());
+        let mut reader = log.clone();
+        let state = reader.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(6)));
     }
 }

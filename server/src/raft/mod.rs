@@ -6,6 +6,7 @@
 // openraft's StorageError is large, and its traits make us return it.
 #![allow(clippy::result_large_err)]
 
+pub mod election;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

@@ -31,6 +31,17 @@ type StResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, BasicNode>;
 type Meta = SnapshotMeta<NodeId, BasicNode>;
 
+/// The last log id the durably stored snapshot covers, if any. The log store reads it to
+/// never purge entries that no stored snapshot holds yet.
+pub(super) fn stored_snapshot_last(db: &Database) -> Result<Option<LogId>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SNAPSHOT)?;
+    match table.get(LAST_LOG_ID)? {
+        Some(v) => decode(v.value()).map_err(|e| redb::Error::Io(std::io::Error::other(e))),
+        None => Ok(None),
+    }
+}
+
 /// The state as of a log position.
 #[derive(Debug, Clone, Default)]
 pub struct Applied {

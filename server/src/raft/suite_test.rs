@@ -10,7 +10,8 @@ use super::state_machine::StateMachine;
 use super::{open_store, NodeId, TypeConfig};
 use crate::datadir::DataDir;
 
-/// Builds a fresh store in its own temp dir for each suite case; the dir is the guard.
+/// Builds a fresh store in its own temp dir for each suite case; the dir is the guard. The
+/// suite purges logs with no snapshot stored, so the purge guard is off (it has its own test).
 struct RedbStoreBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RedbStoreBuilder {
@@ -18,7 +19,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RedbStoreBuil
         let dir = TempDir::new().expect("creating temp dir");
         let data = DataDir::lock(dir.path()).expect("locking data dir");
         let (log, sm) = open_store(&data).expect("opening redb store");
-        Ok((dir, log, sm))
+        Ok((dir, log.without_purge_guard(), sm))
     }
 }
 
