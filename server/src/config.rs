@@ -55,6 +55,8 @@ struct RawConfig {
     max_groups: u32,
     max_members_per_group: u32,
     subscriber_buffer: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_secret: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -84,6 +86,7 @@ impl Default for RawConfig {
             max_groups: 10_000,
             max_members_per_group: 1_000,
             subscriber_buffer: 1_024,
+            cluster_secret: None,
         }
     }
 }
@@ -129,7 +132,35 @@ pub struct Config {
     pub subscriber_buffer: usize,
     /// Group limits, stamped into every group command.
     pub group_limits: crate::state::GroupLimits,
+    /// What every peer RPC must carry; required when the cluster has more than one node.
+    pub cluster_secret: Option<ClusterSecret>,
 }
+
+/// The shared secret peers prove themselves with. Never printed: its `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterSecret(String);
+
+impl ClusterSecret {
+    /// The header value peers send.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in constant time, so response timing says nothing about the secret.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(presented).into()
+    }
+}
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(<redacted>)")
+    }
+}
+
+/// The environment variable that carries the secret (also how the launcher hands it over).
+pub const CLUSTER_SECRET_ENV: &str = "SEQUENCER_CLUSTER_SECRET";
 
 /// A configuration problem, phrased as one line naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -367,7 +398,22 @@ impl RawConfig {
                 ),
             );
         }
+        let cluster_secret = match self.cluster_secret {
+            None => None,
+            Some(secret) => {
+                // It travels as an HTTP/2 header, so printable ASCII; long enough not to guess.
+                let printable = secret.bytes().all(|b| (0x21..=0x7e).contains(&b));
+                if !(16..=1024).contains(&secret.len()) || !printable {
+                    return err(
+                        "cluster_secret",
+                        "must be 16 to 1024 printable ASCII characters, no spaces".into(),
+                    );
+                }
+                Some(ClusterSecret(secret))
+            }
+        };
         Ok(Config {
+            cluster_secret,
             nodes,
             data_dir: self.data_dir,
             max_batch: self.max_batch,

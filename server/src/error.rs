@@ -31,6 +31,9 @@ pub enum Error {
     /// A subscriber did not keep up with its group.
     #[error("{0}")]
     SlowSubscriber(String),
+    /// A peer RPC without the right cluster secret.
+    #[error("unauthenticated: {0}")]
+    PeerUnauthenticated(String),
     /// A bug or a storage failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -58,6 +61,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::SlowSubscriber(_) => Code::ResourceExhausted,
+            Error::PeerUnauthenticated(_) => Code::Unauthenticated,
             Error::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use sequencer_proto::v1::cluster_client::ClusterClient;
 use sequencer_proto::v1::StatusRequest;
-use sequencer_server::config::Config;
+use sequencer_server::config::{Config, CLUSTER_SECRET_ENV};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, timeout, Instant};
@@ -32,6 +32,11 @@ pub async fn run(
     data_dir: &Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the server binary")?;
+    // Peers must share a secret; with none configured, these children get a fresh one.
+    let generated = match &config.cluster_secret {
+        Some(_) => None,
+        None => Some(random_secret()?),
+    };
     let mut children = Vec::new();
     for node in &config.nodes {
         let mut cmd = Command::new(&exe);
@@ -41,6 +46,9 @@ pub async fn run(
         }
         if let Some(dir) = data_dir {
             cmd.arg("--data-dir").arg(dir);
+        }
+        if let Some(secret) = &generated {
+            cmd.env(CLUSTER_SECRET_ENV, secret);
         }
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -60,6 +68,13 @@ pub async fn run(
     let result = supervise(config, &mut children).await;
     stop_all(&mut children).await;
     result
+}
+
+/// 32 random bytes, hex: a secret for this run's children only.
+fn random_secret() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a secret: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 async fn supervise(config: &Config, children: &mut [ChildNode]) -> anyhow::Result<()> {

@@ -90,6 +90,15 @@ async fn run_node(config: Config, id: u64) -> anyhow::Result<()> {
             ids.join(", ")
         );
     };
+    if config.nodes.len() > 1 && config.cluster_secret.is_none() {
+        anyhow::bail!(
+            "node {id}: a cluster of {} nodes needs `cluster_secret` (in the config or {}) so \
+             that peers can prove who they are; `server` without --node makes one up for the \
+             nodes it starts",
+            config.nodes.len(),
+            sequencer_server::config::CLUSTER_SECRET_ENV
+        );
+    }
     let client = bind(&node.addr, "addr", id).await?;
     let peer = bind(&node.peer_addr, "peer_addr", id).await?;
     run(config, id, Listeners { client, peer }, shutdown_signal())

@@ -28,12 +28,13 @@ use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::error::Error;
 use crate::liveness::Liveness;
-use crate::peer::{PeerClients, PeerService, PEER_MESSAGE_LIMIT};
+use crate::peer::{PeerClients, PeerService, RequireSecret, PEER_MESSAGE_LIMIT};
 use crate::proposer::Proposer;
 use crate::raft::election::Election;
 use crate::raft::network::Network;
 use crate::raft::{open_store, raft_config, NodeId, Raft};
 use crate::sender::{SendPlan, Sender};
+use tonic::service::interceptor::InterceptedService;
 
 /// The two bound listeners of a node.
 pub struct Listeners {
@@ -177,7 +178,7 @@ pub async fn run(
         )))
         .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_clients_rx));
     let peer_server = Server::builder()
-        .add_service(
+        .add_service(InterceptedService::new(
             PeerServer::new(PeerService::new(
                 id,
                 raft.clone(),
@@ -187,7 +188,8 @@ pub async fn run(
             ))
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT),
-        )
+            RequireSecret::new(config.cluster_secret.clone()),
+        ))
         .serve_with_incoming_shutdown(incoming(listeners.peer), stopped(stop_peers_rx));
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);

@@ -68,6 +68,11 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
             r#"{"election_timeout_min_ms": 50}"#,
             "election_timeout_min_ms",
         ),
+        (r#"{"cluster_secret": "short"}"#, "cluster_secret"),
+        (
+            r#"{"cluster_secret": "a secret with spaces in it"}"#,
+            "cluster_secret",
+        ),
     ];
     let path = dir.path().join("config.json");
     for (text, key) in cases {
@@ -95,6 +100,22 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
     std::fs::write(&path, r#"{"servers": 3}"#).unwrap();
     let (ok, stderr) = run_server(&["--config", "config.json", "--node", "9"], dir.path());
     assert!(!ok && stderr.contains("node 9"), "{stderr}");
+}
+
+#[test]
+fn a_node_started_alone_in_a_multi_node_cluster_needs_the_cluster_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = nodes_config(dir.path(), 3);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "2"], dir.path());
+    assert!(!ok, "node 2 started with no cluster secret");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert!(
+        stderr.contains("cluster_secret") && stderr.contains("SEQUENCER_CLUSTER_SECRET"),
+        "`{stderr}` does not say how to set the secret"
+    );
+    // Nothing was created for a node that refused to start.
+    assert!(!dir.path().join("data").join("node-2").exists());
 }
 
 #[test]
@@ -289,10 +310,14 @@ async fn reflection_lists_the_public_services_and_never_the_peer_service() {
         .ping(PingRequest {})
         .await;
     assert_eq!(on_client.unwrap_err().code(), tonic::Code::Unimplemented);
-    let on_peer = PeerClient::new(channel(&node.peer_addr).await)
-        .ping(PingRequest {})
-        .await;
-    assert_eq!(on_peer.unwrap().into_inner().node_id, 1);
+    // And there only with the cluster secret.
+    let mut peer = PeerClient::new(channel(&node.peer_addr).await);
+    let stranger = peer.ping(PingRequest {}).await;
+    assert_eq!(stranger.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let mut ping = tonic::Request::new(PingRequest {});
+    let secret = cluster.cluster_secret().unwrap().parse().unwrap();
+    ping.metadata_mut().insert("x-cluster-secret", secret);
+    assert_eq!(peer.ping(ping).await.unwrap().into_inner().node_id, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

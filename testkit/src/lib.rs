@@ -154,8 +154,13 @@ impl Builder {
         } else {
             None
         };
+        // Peers need a shared secret; a test may set its own.
+        let mut settings = self.settings.clone();
+        settings
+            .entry("cluster_secret")
+            .or_insert_with(|| json!(format!("test-cluster-secret-{}", std::process::id())));
         for me in &nodes {
-            let mut config = self.settings.clone();
+            let mut config = settings.clone();
             let list: Vec<Value> = nodes
                 .iter()
                 .map(|n| {
@@ -184,6 +189,10 @@ impl Builder {
             nodes,
             links,
             proxy_runtime: runtime,
+            secret: settings
+                .get("cluster_secret")
+                .and_then(|v| v.as_str())
+                .map(String::from),
             dir,
         };
         for id in cluster.ids() {
@@ -201,11 +210,17 @@ pub struct Cluster {
     /// The mode switch of each proxied link (from, to).
     links: HashMap<(u64, u64), tokio::sync::watch::Sender<proxy::Mode>>,
     proxy_runtime: Option<tokio::runtime::Runtime>,
+    secret: Option<String>,
     // Last, so the processes die before their data dir is removed.
     dir: TempDir,
 }
 
 impl Cluster {
+    /// The cluster secret in the nodes' config (tests that call the peer service need it).
+    pub fn cluster_secret(&self) -> Option<&str> {
+        self.secret.as_deref()
+    }
+
     /// A cluster of the given `server` binary (`env!("CARGO_BIN_EXE_server")`).
     pub fn builder(server_bin: impl Into<PathBuf>) -> Builder {
         Builder {

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use super::auth::SecretHeader;
 use super::PEER_MESSAGE_LIMIT;
 use crate::config::Config;
 use crate::raft::codec::{decode, encode};
@@ -44,6 +45,7 @@ pub enum PeerError {
 pub struct PeerClient {
     target: NodeId,
     grpc: GrpcPeerClient<Channel>,
+    secret: SecretHeader,
 }
 
 impl PeerClient {
@@ -57,6 +59,7 @@ impl PeerClient {
         let data = encode(req).map_err(|e| PeerError::Codec(self.target, e.to_string()))?;
         let mut request = tonic::Request::new(RaftMessage { data });
         request.set_timeout(timeout);
+        self.secret.stamp(request.metadata_mut());
         let mut grpc = self.grpc.clone();
         let res = match rpc {
             PeerRpc::AppendEntries => grpc.append_entries(request).await,
@@ -74,6 +77,7 @@ impl PeerClient {
     pub async fn ping(&self, timeout: Duration) -> Result<NodeId, PeerError> {
         let mut request = tonic::Request::new(PingRequest {});
         request.set_timeout(timeout);
+        self.secret.stamp(request.metadata_mut());
         let mut grpc = self.grpc.clone();
         let resp = grpc.ping(request).await.map_err(|s| self.status_error(s))?;
         Ok(NodeId::from(resp.into_inner().node_id))
@@ -104,6 +108,7 @@ impl PeerClients {
     /// Builds lazy channels; nothing connects until the first call.
     pub fn new(config: &Config, self_id: NodeId) -> Result<Self, crate::error::Error> {
         let mut clients = HashMap::new();
+        let secret = SecretHeader::new(config.cluster_secret.as_ref())?;
         for n in config.nodes.iter().filter(|n| n.id != self_id) {
             let endpoint = Endpoint::from_shared(format!("http://{}", n.peer_addr))
                 .map_err(|e| {
@@ -116,7 +121,14 @@ impl PeerClients {
             let grpc = GrpcPeerClient::new(endpoint.connect_lazy())
                 .max_decoding_message_size(PEER_MESSAGE_LIMIT)
                 .max_encoding_message_size(PEER_MESSAGE_LIMIT);
-            clients.insert(n.id, PeerClient { target: n.id, grpc });
+            clients.insert(
+                n.id,
+                PeerClient {
+                    target: n.id,
+                    grpc,
+                    secret: secret.clone(),
+                },
+            );
         }
         Ok(Self { clients })
     }

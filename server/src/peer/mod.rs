@@ -2,8 +2,11 @@
 //! that call it. Raft messages and forwarded commands travel as serde bytes inside
 //! `RaftMessage`, so replication code never sees protobuf types.
 
+mod auth;
 mod client;
 mod service;
+
+pub use auth::{RequireSecret, SECRET_HEADER};
 
 pub use client::{PeerClient, PeerClients, PeerError, PeerRpc};
 pub use service::PeerService;
