@@ -58,9 +58,8 @@ impl Peer for PeerService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = parse(req)?;
-        let resp = self.raft.append_entries(req).await;
-        self.election.append_answered(&resp);
-        reply(&resp)
+        let _leader = self.election.leader_message(req.vote.leader_id().term);
+        reply(&self.raft.append_entries(req).await)
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
@@ -75,9 +74,8 @@ impl Peer for PeerService {
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let req: InstallSnapshotRequest<TypeConfig> = parse(req)?;
-        let resp = self.raft.install_snapshot(req).await;
-        self.election.snapshot_answered(&resp);
-        reply(&resp)
+        let _leader = self.election.leader_message(req.vote.leader_id().term);
+        reply(&self.raft.install_snapshot(req).await)
     }
 
     async fn propose(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -15,12 +15,12 @@
 //!
 //! Campaigning early is always safe in Raft; it only spends a term.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::error::RaftError;
-use openraft::raft::{AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::ServerState;
 use tokio::sync::watch;
 
@@ -42,17 +42,36 @@ struct Inner {
     raft: Raft,
     lease: Duration,
     spread: Duration,
-    /// Last sign of a live election or leader: an accepted append, a granted vote, our own
-    /// campaign, or being the leader.
+    /// Last sign of a live election or leader: a leader's message arriving or answered, a
+    /// granted vote, our own campaign, or being the leader.
     activity: Mutex<Activity>,
+    /// Leader messages being processed here: while one is, the leader is alive, however slow
+    /// this node is (a snapshot install, a slow fsync).
+    leader_in_flight: AtomicUsize,
+    /// One more than the term this node had when it last asked Raft to campaign (0: never);
+    /// it asks again only once Raft has moved past that term, so a stalled Raft never gets a
+    /// queue of stale campaigns.
+    campaigned_after_term: AtomicU64,
     /// The highest candidate term this node already escalated for, so it does it once.
     escalated_for: AtomicU64,
+    /// Set once the node is stopping: it starts no election on its way out.
+    stopping: AtomicBool,
 }
 
 struct Activity {
     at: Instant,
     /// This round's random share of the wait.
     jitter: Duration,
+}
+
+/// Held while a leader's message is processed.
+pub struct LeaderMessage<'a>(&'a Election);
+
+impl Drop for LeaderMessage<'_> {
+    fn drop(&mut self) {
+        self.0.inner.leader_in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.touch();
+    }
 }
 
 impl Election {
@@ -67,25 +86,28 @@ impl Election {
                 spread,
                 activity: Mutex::new(Activity {
                     at: Instant::now(),
-                    jitter: random_below(spread),
+                    // A node just started gives the leader a lease more to find it: its
+                    // replication to a peer that was down backs off before retrying.
+                    jitter: lease + random_below(spread),
                 }),
+                leader_in_flight: AtomicUsize::new(0),
+                campaigned_after_term: AtomicU64::new(0),
                 escalated_for: AtomicU64::new(0),
+                stopping: AtomicBool::new(false),
             }),
         }
     }
 
-    /// Notes an AppendEntries (or snapshot chunk) that a leader got accepted here.
-    pub fn append_answered(&self, resp: &Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>) {
-        if matches!(resp, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-            self.touch();
+    /// Call when an AppendEntries or InstallSnapshot arrives, before Raft processes it, with
+    /// the term it was sent in; keep the guard until it is answered. A message from an older
+    /// term (a deposed leader) is no sign of a live leader.
+    pub fn leader_message(&self, term: u64) -> Option<LeaderMessage<'_>> {
+        if term < self.inner.raft.metrics().borrow().current_term {
+            return None;
         }
-    }
-
-    /// Notes a snapshot chunk that a leader got accepted here.
-    pub fn snapshot_answered<T, E>(&self, resp: &Result<T, E>) {
-        if resp.is_ok() {
-            self.touch();
-        }
+        self.inner.leader_in_flight.fetch_add(1, Ordering::SeqCst);
+        self.touch();
+        Some(LeaderMessage(self))
     }
 
     /// Called after this node answered a vote request; may start a campaign in the background.
@@ -140,16 +162,25 @@ impl Election {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => {
+                    self.inner.stopping.store(true, Ordering::SeqCst);
+                    return;
+                }
             }
-            let state = self.inner.raft.metrics().borrow().state;
+            let (state, term) = {
+                let m = self.inner.raft.metrics();
+                let m = m.borrow();
+                (m.state, m.current_term)
+            };
             match state {
                 ServerState::Shutdown => return,
                 ServerState::Leader => self.touch(),
                 ServerState::Learner => {}
                 ServerState::Follower | ServerState::Candidate => {
-                    if self.due() {
-                        tracing::info!(node = self.inner.id, "no leader heard; campaigning");
+                    let settled =
+                        term + 1 > self.inner.campaigned_after_term.load(Ordering::SeqCst);
+                    if self.due() && settled {
+                        tracing::info!(node = self.inner.id, term, "no leader heard; campaigning");
                         self.campaign(1);
                     }
                 }
@@ -158,6 +189,13 @@ impl Election {
     }
 
     fn campaign(&self, rounds: u64) {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let term = self.inner.raft.metrics().borrow().current_term;
+        self.inner
+            .campaigned_after_term
+            .fetch_max(term + 1, Ordering::SeqCst);
         self.touch();
         let raft = self.inner.raft.clone();
         tokio::spawn(async move {
@@ -177,10 +215,14 @@ impl Election {
 
     /// No leader for a whole lease: openraft's voters no longer refuse candidates by lease.
     fn silent(&self) -> bool {
-        self.activity().at.elapsed() > self.inner.lease
+        self.inner.leader_in_flight.load(Ordering::SeqCst) == 0
+            && self.activity().at.elapsed() > self.inner.lease
     }
 
     fn due(&self) -> bool {
+        if self.inner.leader_in_flight.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
         let a = self.activity();
         a.at.elapsed() > self.inner.lease + a.jitter
     }
