@@ -34,6 +34,9 @@ pub enum Error {
     /// A peer RPC without the right cluster secret.
     #[error("unauthenticated: {0}")]
     PeerUnauthenticated(String),
+    /// The data dir failed its checks at start.
+    #[error("data is corrupt: {0}")]
+    Corrupt(String),
     /// A bug or a storage failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,7 +65,7 @@ impl From<Error> for Status {
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::SlowSubscriber(_) => Code::ResourceExhausted,
             Error::PeerUnauthenticated(_) => Code::Unauthenticated,
-            Error::Internal(_) => Code::Internal,
+            Error::Internal(_) | Error::Corrupt(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

@@ -349,3 +349,31 @@ async fn a_second_process_on_a_data_dir_refuses_naming_the_holder_and_files_are_
     assert_eq!(mode(&node_dir.join("raft.redb")), 0o600);
     assert_eq!(mode(&node_dir.join("LOCK")), 0o600);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_store_stops_the_node_at_start_with_one_line() {
+    let mut cluster = Cluster::builder(SERVER).nodes(1).start().unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    cluster.client().get_ids("", 500).await.unwrap();
+    let status = cluster.signal_and_wait(1, libc::SIGTERM).unwrap();
+    assert!(status.success(), "node stopped with {status}");
+
+    let store = cluster.dir().join("data").join("node-1").join("raft.redb");
+    let len = std::fs::metadata(&store).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .unwrap();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+
+    let (ok, stderr) = run_server(&["--config", "config-1.json", "--node", "1"], cluster.dir());
+    assert!(!ok, "the node served from a truncated store");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert!(
+        stderr.contains("corrupt") && stderr.contains(&store.display().to_string()),
+        "`{stderr}` does not name the damaged file"
+    );
+    // Refused, not reset: the file is left as it was found, for whoever investigates.
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), len / 2);
+}

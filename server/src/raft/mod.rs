@@ -44,8 +44,36 @@ pub fn open_store(
     dir: &DataDir,
 ) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
     let path = dir.path().join("raft.redb");
-    let db = redb::Database::create(&path)
-        .map_err(|e| Error::Internal(format!("opening {}: {e}", path.display())))?;
+    let corrupt = |why: String| {
+        Error::Corrupt(format!(
+            "{}: {why}; refusing to start rather than serve lost or stale state (to resync this \
+             node from its peers, move its data dir away while the others have a quorum)",
+            path.display()
+        ))
+    };
+    // redb checks page checksums only when it recovers from a crash; a byte flipped on a disk
+    // or by hand is found only by walking every page. A repair here could have rolled back to
+    // an older commit, which may hold a vote or log entries this node already acknowledged.
+    // Some damage makes redb panic rather than return an error; that is a refusal too.
+    // redb would take an empty file for a new database: a node that forgot its vote and log.
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+        return Err(corrupt("is empty".into()));
+    }
+    let opened = std::panic::catch_unwind(|| {
+        let mut db = redb::Database::create(&path).map_err(|e| e.to_string())?;
+        match db.check_integrity() {
+            Ok(true) => Ok(db),
+            Ok(false) => Err("failed its integrity check (redb repaired it, possibly by \
+                              dropping recent commits)"
+                .to_string()),
+            Err(e) => Err(format!("failed its integrity check: {e}")),
+        }
+    });
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(why)) => return Err(corrupt(why)),
+        Err(_) => return Err(corrupt("redb could not read it (it panicked)".into())),
+    };
     dir.protect("raft.redb")?;
     let db = Arc::new(db);
     let log = log_store::LogStore::open(db.clone())?;
