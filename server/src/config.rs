@@ -55,6 +55,10 @@ struct RawConfig {
     max_groups: u32,
     max_members_per_group: u32,
     subscriber_buffer: u32,
+    max_subscribers: u32,
+    max_concurrent_streams: u32,
+    http2_keepalive_interval_ms: u64,
+    http2_keepalive_timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cluster_secret: Option<String>,
 }
@@ -86,6 +90,10 @@ impl Default for RawConfig {
             max_groups: 10_000,
             max_members_per_group: 1_000,
             subscriber_buffer: 1_024,
+            max_subscribers: 10_000,
+            max_concurrent_streams: 1_024,
+            http2_keepalive_interval_ms: 10_000,
+            http2_keepalive_timeout_ms: 20_000,
             cluster_secret: None,
         }
     }
@@ -130,6 +138,14 @@ pub struct Config {
     pub max_payload_bytes: u32,
     /// Deliveries queued per subscriber before it is cut off as too slow.
     pub subscriber_buffer: usize,
+    /// Open Subscribe streams one node serves at once.
+    pub max_subscribers: usize,
+    /// HTTP/2 streams (calls in flight) per connection, on both listeners.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 pings on idle connections, and how long an unanswered one may take before the
+    /// connection is dropped as dead.
+    pub http2_keepalive_interval: Duration,
+    pub http2_keepalive_timeout: Duration,
     /// Group limits, stamped into every group command.
     pub group_limits: crate::state::GroupLimits,
     /// What every peer RPC must carry; required when the cluster has more than one node.
@@ -412,7 +428,31 @@ impl RawConfig {
                 Some(ClusterSecret(secret))
             }
         };
+        if self.max_subscribers == 0 {
+            return err("max_subscribers", "must be at least 1".into());
+        }
+        if self.max_concurrent_streams == 0 {
+            return err("max_concurrent_streams", "must be at least 1".into());
+        }
+        for (key, ms) in [
+            (
+                "http2_keepalive_interval_ms",
+                self.http2_keepalive_interval_ms,
+            ),
+            (
+                "http2_keepalive_timeout_ms",
+                self.http2_keepalive_timeout_ms,
+            ),
+        ] {
+            if !(100..=3_600_000).contains(&ms) {
+                return err(key, "must be 100..=3600000".into());
+            }
+        }
         Ok(Config {
+            max_subscribers: self.max_subscribers as usize,
+            max_concurrent_streams: self.max_concurrent_streams,
+            http2_keepalive_interval: Duration::from_millis(self.http2_keepalive_interval_ms),
+            http2_keepalive_timeout: Duration::from_millis(self.http2_keepalive_timeout_ms),
             cluster_secret,
             nodes,
             data_dir: self.data_dir,

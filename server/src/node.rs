@@ -142,42 +142,57 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
 
-    let client_server = Server::builder()
+    let small = SMALL_REQUEST_LIMIT;
+    let client_server = server_builder(&config)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SequencerServer::new(SequencerApi::new(
-            id,
-            allocator,
-            reader.clone(),
-            config.max_batch,
-            config.max_sequences,
-        )))
-        .add_service(TrackerServer::new(TrackerApi::new(
-            proposer.clone(),
-            reader.clone(),
-            liveness.clone(),
-            config.group_limits,
-            config.client_heartbeat,
-            config.failure_timeout,
-        )))
-        .add_service(MessengerServer::new(MessengerApi::new(
-            sender,
-            reader,
-            proposer.clone(),
-            config.max_payload_bytes,
-            config.subscriber_buffer,
-            stop_clients_rx.clone(),
-        )))
-        .add_service(ClusterServer::new(ClusterApi::new(
-            id,
-            raft.clone(),
-            commit,
-            peers,
-            config.nodes.clone(),
-        )))
+        .add_service(
+            SequencerServer::new(SequencerApi::new(
+                id,
+                allocator,
+                reader.clone(),
+                config.max_batch,
+                config.max_sequences,
+            ))
+            .max_decoding_message_size(small),
+        )
+        .add_service(
+            TrackerServer::new(TrackerApi::new(
+                proposer.clone(),
+                reader.clone(),
+                liveness.clone(),
+                config.group_limits,
+                config.client_heartbeat,
+                config.failure_timeout,
+            ))
+            .max_decoding_message_size(small),
+        )
+        .add_service(
+            MessengerServer::new(MessengerApi::new(
+                sender,
+                reader,
+                proposer.clone(),
+                config.max_payload_bytes,
+                config.subscriber_buffer,
+                config.max_subscribers,
+                stop_clients_rx.clone(),
+            ))
+            // A Send carries one payload of at most max_payload_bytes, plus its names.
+            .max_decoding_message_size(config.max_payload_bytes as usize + small),
+        )
+        .add_service(
+            ClusterServer::new(ClusterApi::new(
+                id,
+                raft.clone(),
+                commit,
+                peers,
+                config.nodes.clone(),
+            ))
+            .max_decoding_message_size(small),
+        )
         .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_clients_rx));
-    let peer_server = Server::builder()
+    let peer_server = server_builder(&config)
         .add_service(InterceptedService::new(
             PeerServer::new(PeerService::new(
                 id,
@@ -242,6 +257,17 @@ async fn initialize(raft: &Raft, config: &Config) -> Result<(), Error> {
         tracing::debug!(error = %e, "initialize refused; the cluster already exists");
     }
     Ok(())
+}
+
+/// Largest request of a service without payloads: names and tokens only.
+const SMALL_REQUEST_LIMIT: usize = 64 * 1024;
+
+/// Both listeners: streams per connection, and keepalive pings that drop dead connections.
+fn server_builder(config: &Config) -> Server {
+    Server::builder()
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
 }
 
 fn incoming(listener: TcpListener) -> TcpIncoming {

@@ -622,3 +622,33 @@ async fn concurrent_large_messages_are_all_delivered() {
         .filter(|d| d.kind == Kind::Message as i32)
         .all(|d| d.payload.len() == 1024 * 1024));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_at_most_max_subscribers_and_frees_a_place_when_one_leaves() {
+    let cluster = started(Cluster::builder(SERVER).set("max_subscribers", 2)).await;
+    let on_1 = cluster.client_for(1);
+    let (me, next, _alive) = member(&on_1, "watcher", "g").await;
+    let first = on_1.subscribe(&me, "g", next).await.unwrap();
+    let _second = on_1.subscribe(&me, "g", next).await.unwrap();
+    assert_code(
+        on_1.subscribe(&me, "g", next).await.map(|_| ()),
+        Code::ResourceExhausted,
+        "max_subscribers",
+    );
+    // The cap is per node: another server still takes subscribers.
+    let on_2 = cluster.client_for(2);
+    let _elsewhere = on_2.subscribe(&me, "g", next).await.unwrap();
+
+    // A subscriber that goes away gives its place back.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match on_1.subscribe(&me, "g", next).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no place freed after a subscriber left: {e}"),
+        }
+    }
+}

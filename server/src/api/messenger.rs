@@ -8,7 +8,7 @@ use sequencer_proto::v1::messenger_server::Messenger;
 use sequencer_proto::v1::{
     delivery, Delivery, SendRequest as PbSend, SendResponse, SubscribeRequest,
 };
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -33,6 +33,9 @@ pub struct MessengerApi {
     proposer: Proposer,
     max_payload_bytes: u32,
     subscriber_buffer: usize,
+    /// One permit per open subscription (max_subscribers).
+    subscribers: Arc<Semaphore>,
+    max_subscribers: usize,
     /// Ends every subscription when the node stops.
     stop: watch::Receiver<bool>,
 }
@@ -44,6 +47,7 @@ impl MessengerApi {
         proposer: Proposer,
         max_payload_bytes: u32,
         subscriber_buffer: usize,
+        max_subscribers: usize,
         stop: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -52,6 +56,8 @@ impl MessengerApi {
             proposer,
             max_payload_bytes,
             subscriber_buffer: subscriber_buffer.max(2),
+            subscribers: Arc::new(Semaphore::new(max_subscribers)),
+            max_subscribers,
             stop,
         }
     }
@@ -144,8 +150,17 @@ impl Messenger for MessengerApi {
             ))
             .into());
         }
+        let Ok(permit) = self.subscribers.clone().try_acquire_owned() else {
+            return Err(Error::ResourceExhausted(format!(
+                "this node already serves {} subscriptions (max_subscribers); subscribe on \
+                 another server or later",
+                self.max_subscribers
+            ))
+            .into());
+        };
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
         let feed = Feed {
+            _permit: permit,
             reader: self.reader.clone(),
             group,
             client_id: req.client_id,
@@ -180,6 +195,8 @@ fn out_of_range(group: &str, from: u64, oldest: u64) -> Error {
 
 /// One subscription: copies deliveries from the applied state into the client's stream.
 struct Feed {
+    /// Released when the feed ends.
+    _permit: OwnedSemaphorePermit,
     reader: StateReader,
     group: String,
     client_id: u64,
