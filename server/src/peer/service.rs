@@ -90,8 +90,10 @@ impl Peer for PeerService {
 
     async fn read_index(
         &self,
-        _req: Request<RaftMessage>,
+        req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        // It carries nothing, but anything else is not from one of ours.
+        parse::<()>(req)?;
         reply(&self.proposer.read_index_here().await)
     }
 
