@@ -66,9 +66,18 @@ fn hostile_bodies(raft_message: bool) -> Vec<(&'static str, Vec<u8>)> {
             "length-delimited field past the end",
             frame(false, short_bytes_field.len() as u32, &short_bytes_field),
         ),
-        ("frame shorter than it declares", frame(false, 100, &[0x08, 0x01])),
-        ("frame declaring 4 GiB", frame(false, u32::MAX, &[0x08, 0x01])),
-        ("compressed with nothing negotiated", frame(true, 2, &[0x08, 0x01])),
+        (
+            "frame shorter than it declares",
+            frame(false, 100, &[0x08, 0x01]),
+        ),
+        (
+            "frame declaring 4 GiB",
+            frame(false, u32::MAX, &[0x08, 0x01]),
+        ),
+        (
+            "compressed with nothing negotiated",
+            frame(true, 2, &[0x08, 0x01]),
+        ),
         ("header cut short", vec![0, 0, 0]),
     ];
     if raft_message {
@@ -76,7 +85,10 @@ fn hostile_bodies(raft_message: bool) -> Vec<(&'static str, Vec<u8>)> {
         let junk = b"{\"not\": \"a raft message\"";
         let mut msg = vec![0x0a, junk.len() as u8];
         msg.extend_from_slice(junk);
-        bodies.push(("undecodable peer payload", frame(false, msg.len() as u32, &msg)));
+        bodies.push((
+            "undecodable peer payload",
+            frame(false, msg.len() as u32, &msg),
+        ));
     }
     bodies
 }
@@ -170,5 +182,9 @@ async fn malformed_and_truncated_frames_get_errors_and_change_nothing() {
         assert_eq!(now, before[i], "node {id}: state changed");
     }
     let next = client.get_id("").await.unwrap().id;
-    assert_eq!(next, before[0].0 + 1, "ids were allocated by hostile requests");
+    assert_eq!(
+        next,
+        before[0].0 + 1,
+        "ids were allocated by hostile requests"
+    );
 }

@@ -15,9 +15,18 @@ pub(crate) fn checked_name(raw: String, what: &str) -> Result<String, Error> {
     if valid_name(&raw) {
         return Ok(raw);
     }
-    let shown: String = raw.chars().take(80).collect();
+    // Quote what was sent, escaped and short: the error stays one readable line.
+    let mut shown = String::new();
+    for c in raw.chars() {
+        let escaped: String = c.escape_debug().collect();
+        if shown.len() + escaped.len() > 80 {
+            shown.push('…');
+            break;
+        }
+        shown.push_str(&escaped);
+    }
     Err(Error::InvalidArgument(format!(
-        "invalid {what} {shown:?}: must match [A-Za-z0-9._-]{{1,64}}"
+        "invalid {what} \"{shown}\": must match [A-Za-z0-9._-]{{1,64}}"
     )))
 }
 

@@ -88,10 +88,7 @@ impl Peer for PeerService {
         reply(&self.liveness.heartbeat_here(&msg).await)
     }
 
-    async fn read_index(
-        &self,
-        req: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
+    async fn read_index(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         // It carries nothing, but anything else is not from one of ours.
         parse::<()>(req)?;
         reply(&self.proposer.read_index_here().await)

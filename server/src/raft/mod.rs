@@ -7,6 +7,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod election;
+#[cfg(test)]
+mod fuzz_test;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;

@@ -52,9 +52,9 @@ pub struct Applied {
 
 /// A snapshot as stored on disk: openraft's metadata and our encoded [`State`].
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: Meta,
-    data: Vec<u8>,
+pub(super) struct StoredSnapshot {
+    pub(super) meta: Meta,
+    pub(super) data: Vec<u8>,
 }
 
 struct Inner {
