@@ -15,7 +15,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 use tonic::{Code, Status};
 
 use pb::cluster_client::ClusterClient;
@@ -106,18 +106,48 @@ struct Server {
     channel: Channel,
 }
 
-fn server(addr: &str, rpc_timeout: Duration) -> Result<Server, ClientError> {
+/// How to reach servers over TLS: PEM bytes, already read.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// The CA that signed the servers' certificates; without it, the public web roots.
+    pub ca: Option<Vec<u8>>,
+    /// A client certificate and key, for servers that require one (`tls_client_auth`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Tls {
+    fn config(&self) -> ClientTlsConfig {
+        let mut c = ClientTlsConfig::new();
+        c = match &self.ca {
+            Some(ca) => c.ca_certificate(Certificate::from_pem(ca)),
+            None => c.with_webpki_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            c = c.identity(TlsIdentity::from_pem(cert, key));
+        }
+        c
+    }
+}
+
+fn server(addr: &str, rpc_timeout: Duration, tls: Option<&Tls>) -> Result<Server, ClientError> {
     let addr = addr.trim().to_string();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.clone()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| ClientError::BadAddress(addr.clone(), e.to_string()))?
+    let bad = |e: String| ClientError::BadAddress(addr.clone(), e);
+    let mut endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(1))
         .timeout(rpc_timeout)
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.config())
+            .map_err(|e| bad(format!("TLS: {e}")))?;
+    }
     Ok(Server {
         channel: endpoint.connect_lazy(),
         addr,
@@ -149,6 +179,8 @@ pub struct Client {
     nodes: RwLock<HashMap<u32, usize>>,
     /// The heartbeat interval servers last asked for, in ms.
     heartbeat_ms: AtomicU64,
+    rpc_timeout: Duration,
+    tls: Option<Tls>,
 }
 
 impl Client {
@@ -156,7 +188,7 @@ impl Client {
     pub fn new<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Result<Self, ClientError> {
         let servers = addrs
             .into_iter()
-            .map(|a| server(a.as_ref(), RPC_TIMEOUT))
+            .map(|a| server(a.as_ref(), RPC_TIMEOUT, None))
             .collect::<Result<Vec<_>, _>>()?;
         if servers.is_empty() {
             return Err(ClientError::NoServers);
@@ -167,15 +199,28 @@ impl Client {
             deadline: DEFAULT_DEADLINE,
             nodes: RwLock::default(),
             heartbeat_ms: AtomicU64::new(DEFAULT_HEARTBEAT_MS),
+            rpc_timeout: RPC_TIMEOUT,
+            tls: None,
         })
     }
 
     /// How long one RPC may take before the client tries the next server (default 6 s).
     pub fn with_rpc_timeout(mut self, timeout: Duration) -> Result<Self, ClientError> {
+        self.rpc_timeout = timeout;
+        self.reconnect()
+    }
+
+    /// Talk TLS to every server.
+    pub fn with_tls(mut self, tls: Tls) -> Result<Self, ClientError> {
+        self.tls = Some(tls);
+        self.reconnect()
+    }
+
+    fn reconnect(mut self) -> Result<Self, ClientError> {
         self.servers = self
             .servers
             .iter()
-            .map(|s| server(&s.addr, timeout))
+            .map(|s| server(&s.addr, self.rpc_timeout, self.tls.as_ref()))
             .collect::<Result<_, _>>()?;
         Ok(self)
     }
@@ -516,6 +561,43 @@ pub fn addrs_from_config(text: &str) -> Result<Vec<String>, String> {
     Ok((0..servers)
         .map(|k| format!("{host}:{}", base + k))
         .collect())
+}
+
+/// Each node's id and the hosts it is reached on (client and peer address), from config.json
+/// text: for certificates that must name them.
+pub fn node_hosts_from_config(text: &str) -> Result<Vec<(u64, Vec<String>)>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("config: {e}"))?;
+    let host_of = |addr: &str| -> Result<String, String> {
+        addr.parse::<std::net::SocketAddr>()
+            .map(|a| a.ip().to_string())
+            .map_err(|_| format!("config: `{addr}` is not an ip:port address"))
+    };
+    if let Some(nodes) = v.get("nodes").and_then(|n| n.as_array()) {
+        let mut out = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let id = n
+                .get("id")
+                .and_then(|i| i.as_u64())
+                .ok_or_else(|| format!("config: nodes[{i}].id is missing"))?;
+            let mut hosts = Vec::new();
+            for key in ["addr", "peer_addr"] {
+                let addr = n
+                    .get(key)
+                    .and_then(|a| a.as_str())
+                    .ok_or_else(|| format!("config: nodes[{i}].{key} is missing"))?;
+                hosts.push(host_of(addr)?);
+            }
+            hosts.dedup();
+            out.push((id, hosts));
+        }
+        return Ok(out);
+    }
+    let servers = v.get("servers").and_then(|s| s.as_u64()).unwrap_or(3);
+    let host = v
+        .get("host")
+        .and_then(|s| s.as_str())
+        .unwrap_or("127.0.0.1");
+    Ok((1..=servers).map(|k| (k, vec![host.to_string()])).collect())
 }
 
 #[cfg(test)]

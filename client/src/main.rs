@@ -1,5 +1,6 @@
 //! `client`: the command line over the client library.
 
+mod certs;
 mod groups;
 
 use std::path::PathBuf;
@@ -7,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sequencer_client::{addrs_from_config, pb, Client};
+use sequencer_client::{addrs_from_config, node_hosts_from_config, pb, Client, Tls};
 use serde_json::json;
 
 /// Talks to a sequencer cluster: any server will do, and down servers are skipped.
@@ -23,6 +24,18 @@ struct Cli {
     /// Print JSON, one object per line, for scripts.
     #[arg(long, global = true)]
     json: bool,
+    /// Talk TLS to the servers, trusting the public web roots unless --ca is given.
+    #[arg(long, global = true)]
+    tls: bool,
+    /// The CA that signed the servers' certificates (PEM); implies --tls.
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// A client certificate (PEM), for servers with `tls_client_auth`; needs --key.
+    #[arg(long, global = true, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -50,6 +63,13 @@ enum Cmd {
     Status,
     /// Print the client addresses of the config, one per line.
     Servers,
+    /// Make a private CA and certificates for every node of the config and for a client,
+    /// to turn on TLS (see SECURITY.md).
+    GenCerts {
+        /// Where to write them.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+    },
     /// Register a group-messaging identity; prints its client id and token.
     Register {
         #[arg(long)]
@@ -136,6 +156,20 @@ fn servers(cli: &Cli) -> anyhow::Result<Vec<String>> {
     }
 }
 
+/// TLS settings from the flags, with the files read.
+fn tls_options(cli: &Cli) -> anyhow::Result<Option<Tls>> {
+    if !cli.tls && cli.ca.is_none() && cli.cert.is_none() {
+        return Ok(None);
+    }
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let ca = cli.ca.as_ref().map(read).transpose()?;
+    let identity = match (&cli.cert, &cli.key) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    Ok(Some(Tls { ca, identity }))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let addrs = servers(&cli)?;
     if let Cmd::Servers = cli.command {
@@ -144,7 +178,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let client = Client::new(&addrs)?;
+    if let Cmd::GenCerts { out } = &cli.command {
+        let text = match std::fs::read_to_string(&cli.config) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "{}".into(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", cli.config.display())),
+        };
+        let nodes = node_hosts_from_config(&text).map_err(anyhow::Error::msg)?;
+        for file in certs::generate(out, &nodes)? {
+            println!("{file}");
+        }
+        return Ok(());
+    }
+    let mut client = Client::new(&addrs)?;
+    if let Some(tls) = tls_options(&cli)? {
+        client = client.with_tls(tls)?;
+    }
     match &cli.command {
         Cmd::GetId {
             sequence,
@@ -192,7 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Status => print_status(&client.status().await?, cli.json),
-        Cmd::Servers => unreachable!("handled above"),
+        Cmd::Servers | Cmd::GenCerts { .. } => unreachable!("handled above"),
         Cmd::Register { name } => groups::register(&client, name, cli.json).await?,
         Cmd::Join { me, group } => groups::join(&client, &me.identity(), group, cli.json).await?,
         Cmd::Leave { me, group } => client.leave(&me.identity(), group).await?,

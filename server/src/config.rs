@@ -61,6 +61,13 @@ struct RawConfig {
     http2_keepalive_timeout_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cluster_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls_ca: Option<String>,
+    tls_client_auth: bool,
 }
 
 impl Default for RawConfig {
@@ -95,6 +102,10 @@ impl Default for RawConfig {
             http2_keepalive_interval_ms: 10_000,
             http2_keepalive_timeout_ms: 20_000,
             cluster_secret: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_client_auth: false,
         }
     }
 }
@@ -150,6 +161,19 @@ pub struct Config {
     pub group_limits: crate::state::GroupLimits,
     /// What every peer RPC must carry; required when the cluster has more than one node.
     pub cluster_secret: Option<ClusterSecret>,
+    /// TLS on both listeners and between peers; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM file paths; `{id}` in a path stands for the node's id.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: String,
+    pub key: String,
+    /// The CA peers (and, with `client_auth`, clients) must be signed by.
+    pub ca: Option<String>,
+    /// Require a client certificate on the client listener too.
+    pub client_auth: bool,
 }
 
 /// The shared secret peers prove themselves with. Never printed: its `Debug` is redacted.
@@ -448,7 +472,37 @@ impl RawConfig {
                 return err(key, "must be 100..=3600000".into());
             }
         }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (None, None) => {
+                if self.tls_ca.is_some() || self.tls_client_auth {
+                    return err(
+                        "tls_cert",
+                        "is needed with tls_ca or tls_client_auth".into(),
+                    );
+                }
+                None
+            }
+            (Some(_), None) => return err("tls_key", "is needed with tls_cert".into()),
+            (None, Some(_)) => return err("tls_cert", "is needed with tls_key".into()),
+            (Some(cert), Some(key)) => {
+                if self.tls_ca.is_none() && (nodes.len() > 1 || self.tls_client_auth) {
+                    return err(
+                        "tls_ca",
+                        "is needed with tls_cert in a cluster of several nodes (peers verify \
+                         each other against it) and with tls_client_auth"
+                            .into(),
+                    );
+                }
+                Some(TlsFiles {
+                    cert,
+                    key,
+                    ca: self.tls_ca,
+                    client_auth: self.tls_client_auth,
+                })
+            }
+        };
         Ok(Config {
+            tls,
             max_subscribers: self.max_subscribers as usize,
             max_concurrent_streams: self.max_concurrent_streams,
             http2_keepalive_interval: Duration::from_millis(self.http2_keepalive_interval_ms),

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use sequencer_proto::v1::cluster_client::ClusterClient;
 use sequencer_proto::v1::StatusRequest;
 use sequencer_server::config::{Config, CLUSTER_SECRET_ENV};
+use sequencer_server::tls::{self, TlsMaterial};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::{sleep, timeout, Instant};
@@ -118,7 +119,7 @@ async fn wait_for_primary(config: &Config) -> anyhow::Result<u64> {
     loop {
         let mut seen = Vec::new();
         for node in &config.nodes {
-            seen.push(primary_seen_by(&node.addr).await);
+            seen.push(primary_seen_by(config, node.id, &node.addr).await);
         }
         if let Some(Some(p)) = seen.first() {
             if seen.iter().all(|s| *s == Some(*p)) {
@@ -135,11 +136,17 @@ async fn wait_for_primary(config: &Config) -> anyhow::Result<u64> {
     }
 }
 
-async fn primary_seen_by(addr: &str) -> Option<u64> {
+async fn primary_seen_by(config: &Config, id: u64, addr: &str) -> Option<u64> {
     let call = async {
-        let mut client = ClusterClient::connect(format!("http://{addr}"))
+        // Over TLS when the nodes use it, showing the node's own certificate (this host has
+        // every node's files), which also passes `tls_client_auth`.
+        let tls = TlsMaterial::load(config, id).ok()?;
+        let channel = tls::endpoint(addr, tls.as_ref())
+            .ok()?
+            .connect()
             .await
             .ok()?;
+        let mut client = ClusterClient::new(channel);
         let status = client.status(StatusRequest {}).await.ok()?.into_inner();
         (status.primary != 0).then_some(u64::from(status.primary))
     };

@@ -34,7 +34,9 @@ use crate::raft::election::Election;
 use crate::raft::network::Network;
 use crate::raft::{open_store, raft_config, NodeId, Raft};
 use crate::sender::{SendPlan, Sender};
+use crate::tls::TlsMaterial;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
 
 /// The two bound listeners of a node.
 pub struct Listeners {
@@ -58,12 +60,14 @@ pub async fn run(
     }
     let dir = config.node_dir(id);
     // Held until this function returns: nobody else may open this node's data meanwhile.
+    // Before touching the data dir: a node that cannot serve should leave no trace.
+    let tls = TlsMaterial::load(&config, id)?;
     let data = DataDir::lock(&dir)?;
     let (log, sm) = open_store(&data)?;
     sm.set_node_id(id);
     let reader = sm.reader();
     let commit = log.commit_index();
-    let peers = PeerClients::new(&config, id)?;
+    let peers = PeerClients::new(&config, id, tls.as_ref())?;
 
     let raft = Raft::new(
         id,
@@ -143,7 +147,7 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
 
     let small = SMALL_REQUEST_LIMIT;
-    let client_server = server_builder(&config)
+    let client_server = server_builder(&config, tls.as_ref().map(|t| t.client_listener()))?
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -192,7 +196,7 @@ pub async fn run(
             .max_decoding_message_size(small),
         )
         .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_clients_rx));
-    let peer_server = server_builder(&config)
+    let peer_server = server_builder(&config, tls.as_ref().map(|t| t.peer_listener()))?
         .add_service(InterceptedService::new(
             PeerServer::new(PeerService::new(
                 id,
@@ -262,12 +266,19 @@ async fn initialize(raft: &Raft, config: &Config) -> Result<(), Error> {
 /// Largest request of a service without payloads: names and tokens only.
 const SMALL_REQUEST_LIMIT: usize = 64 * 1024;
 
-/// Both listeners: streams per connection, and keepalive pings that drop dead connections.
-fn server_builder(config: &Config) -> Server {
-    Server::builder()
+/// Both listeners: TLS if configured, streams per connection, and keepalive pings that drop
+/// dead connections.
+fn server_builder(config: &Config, tls: Option<ServerTlsConfig>) -> Result<Server, Error> {
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
+    }
+    Ok(builder
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout)))
 }
 
 fn incoming(listener: TcpListener) -> TcpIncoming {

@@ -73,6 +73,12 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
             r#"{"cluster_secret": "a secret with spaces in it"}"#,
             "cluster_secret",
         ),
+        (r#"{"tls_cert": "node.pem"}"#, "tls_key"),
+        (
+            r#"{"tls_cert": "node.pem", "tls_key": "key.pem"}"#,
+            "tls_ca",
+        ),
+        (r#"{"tls_client_auth": true}"#, "tls_cert"),
     ];
     let path = dir.path().join("config.json");
     for (text, key) in cases {
@@ -116,6 +122,23 @@ fn a_node_started_alone_in_a_multi_node_cluster_needs_the_cluster_secret() {
     );
     // Nothing was created for a node that refused to start.
     assert!(!dir.path().join("data").join("node-2").exists());
+}
+
+#[test]
+fn a_missing_certificate_file_is_named_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = nodes_config(dir.path(), 1);
+    config["tls_cert"] = json!("certs/node-{id}.pem");
+    config["tls_key"] = json!("certs/node-{id}-key.pem");
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "1"], dir.path());
+    assert!(!ok, "started without its certificate");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert!(
+        stderr.contains("tls_cert") && stderr.contains("certs/node-1.pem"),
+        "`{stderr}` does not name the key and the file"
+    );
+    assert!(!dir.path().join("data").join("node-1").exists());
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use sequencer_client::{Client, ClientError};
+use sequencer_client::{Client, ClientError, Tls};
 use serde_json::{json, Map, Value};
 use tempfile::TempDir;
 use tokio::time::{sleep, Instant};
@@ -83,9 +83,24 @@ pub struct Builder {
     nodes: usize,
     settings: Map<String, Value>,
     proxies: bool,
+    tls: Option<(PathBuf, bool)>,
 }
 
 impl Builder {
+    /// TLS on every listener with the certificates `client gen-certs` wrote into `certs`
+    /// (mutual between peers); `client_auth` also asks clients for one. The cluster's clients
+    /// trust the CA, and show `client.pem` when asked.
+    pub fn tls(mut self, certs: &Path, client_auth: bool) -> Self {
+        let file = |name: &str| json!(certs.join(name).display().to_string());
+        self = self
+            .set("tls_cert", file("node-{id}.pem"))
+            .set("tls_key", file("node-{id}-key.pem"))
+            .set("tls_ca", file("ca.pem"))
+            .set("tls_client_auth", client_auth);
+        self.tls = Some((certs.to_path_buf(), client_auth));
+        self
+    }
+
     /// Number of nodes (default 3).
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
@@ -189,6 +204,20 @@ impl Builder {
             nodes,
             links,
             proxy_runtime: runtime,
+            tls: match &self.tls {
+                None => None,
+                Some((certs, client_auth)) => Some(Tls {
+                    ca: Some(std::fs::read(certs.join("ca.pem"))?),
+                    identity: if *client_auth {
+                        Some((
+                            std::fs::read(certs.join("client.pem"))?,
+                            std::fs::read(certs.join("client-key.pem"))?,
+                        ))
+                    } else {
+                        None
+                    },
+                }),
+            },
             secret: settings
                 .get("cluster_secret")
                 .and_then(|v| v.as_str())
@@ -211,6 +240,8 @@ pub struct Cluster {
     links: HashMap<(u64, u64), tokio::sync::watch::Sender<proxy::Mode>>,
     proxy_runtime: Option<tokio::runtime::Runtime>,
     secret: Option<String>,
+    /// How this cluster's clients reach it, when it serves TLS.
+    tls: Option<Tls>,
     // Last, so the processes die before their data dir is removed.
     dir: TempDir,
 }
@@ -228,6 +259,7 @@ impl Cluster {
             nodes: 3,
             settings: Map::new(),
             proxies: false,
+            tls: None,
         }
     }
 
@@ -277,7 +309,16 @@ impl Cluster {
 
     /// A client that knows every node.
     pub fn client(&self) -> Client {
-        Client::new(self.addrs()).expect("valid addresses")
+        self.connect(self.addrs())
+    }
+
+    /// A client for `addrs`, over TLS if this cluster uses it.
+    fn connect(&self, addrs: Vec<String>) -> Client {
+        let client = Client::new(addrs).expect("valid addresses");
+        match &self.tls {
+            Some(tls) => client.with_tls(tls.clone()).expect("valid TLS settings"),
+            None => client,
+        }
     }
 
     /// A client that starts at node `id` and fails over to the others, in id order.
@@ -289,12 +330,12 @@ impl Cluster {
             .position(|n| n.id == id)
             .expect("no such node");
         addrs.rotate_left(first);
-        Client::new(addrs).expect("valid addresses")
+        self.connect(addrs)
     }
 
     /// A client bound to node `id` only (no failover).
     pub fn client_for(&self, id: u64) -> Client {
-        Client::new([self.node(id).addr.clone()]).expect("valid address")
+        self.connect(vec![self.node(id).addr.clone()])
     }
 
     /// Cuts every link to and from node `id` (needs `with_proxies`): traffic vanishes.

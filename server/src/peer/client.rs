@@ -7,13 +7,14 @@ use sequencer_proto::peer::peer_client::PeerClient as GrpcPeerClient;
 use sequencer_proto::peer::{PingRequest, RaftMessage};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::auth::SecretHeader;
 use super::PEER_MESSAGE_LIMIT;
 use crate::config::Config;
 use crate::raft::codec::{decode, encode};
 use crate::raft::NodeId;
+use crate::tls::TlsMaterial;
 
 /// Which peer RPC to call.
 #[derive(Debug, Clone, Copy)]
@@ -106,14 +107,15 @@ pub struct PeerClients {
 
 impl PeerClients {
     /// Builds lazy channels; nothing connects until the first call.
-    pub fn new(config: &Config, self_id: NodeId) -> Result<Self, crate::error::Error> {
+    pub fn new(
+        config: &Config,
+        self_id: NodeId,
+        tls: Option<&TlsMaterial>,
+    ) -> Result<Self, crate::error::Error> {
         let mut clients = HashMap::new();
         let secret = SecretHeader::new(config.cluster_secret.as_ref())?;
         for n in config.nodes.iter().filter(|n| n.id != self_id) {
-            let endpoint = Endpoint::from_shared(format!("http://{}", n.peer_addr))
-                .map_err(|e| {
-                    crate::error::Error::Internal(format!("peer address {}: {e}", n.peer_addr))
-                })?
+            let endpoint = crate::tls::endpoint(&n.peer_addr, tls)?
                 .connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
