@@ -298,6 +298,36 @@ mod tests {
         LogId::new(CommittedLeaderId::new(1, 1), index)
     }
 
+    /// Writes `entries` straight into the log table, as appends would have left them.
+    async fn put_entries(log: &LogStore, entries: Vec<Entry<TypeConfig>>) {
+        let rows: Vec<(u64, Vec<u8>)> = entries
+            .iter()
+            .map(|e| (e.log_id.index, encode(e).unwrap()))
+            .collect();
+        log.write(move |txn| {
+            let mut t = txn.open_table(LOGS)?;
+            for (i, bytes) in &rows {
+                t.insert(*i, bytes.as_slice())?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Installs an empty-state snapshot covering the log up to `index`, as the primary would.
+    async fn install_snapshot_upto(sm: &mut super::super::state_machine::StateMachine, index: u64) {
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("s-{index}"),
+        };
+        let bytes = encode(&State::default()).unwrap();
+        sm.install_snapshot(&meta, Box::new(Cursor::new(bytes)))
+            .await
+            .unwrap();
+    }
+
     fn indexes(store: &LogStore) -> Vec<u64> {
         let txn = store.db.begin_read().unwrap();
         let table = txn.open_table(LOGS).unwrap();
@@ -348,40 +378,21 @@ mod tests {
         {
             let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
             let (mut log, mut sm) = crate::raft::open_store(&data).unwrap();
-            let entries: Vec<(u64, Vec<u8>)> = (1..=400)
-                .map(|i| {
-                    let e = Entry::<TypeConfig> {
-                        log_id: log_id(i),
-                        payload: EntryPayload::Normal(Command::Allocate {
-                            requests: vec![AllocRequest {
-                                sequence: format!("sequence-{}", i % 7),
-                                count: i,
-                            }],
-                            max_sequences: 100,
-                        }),
-                    };
-                    (i, encode(&e).unwrap())
+            let entries = (1..=400)
+                .map(|i| Entry::<TypeConfig> {
+                    log_id: log_id(i),
+                    payload: EntryPayload::Normal(Command::Allocate {
+                        requests: vec![AllocRequest {
+                            sequence: format!("sequence-{}", i % 7),
+                            count: i,
+                        }],
+                        max_sequences: 100,
+                    }),
                 })
                 .collect();
-            log.write(move |txn| {
-                let mut t = txn.open_table(LOGS)?;
-                for (i, bytes) in &entries {
-                    t.insert(*i, bytes.as_slice())?;
-                }
-                Ok(())
-            })
-            .await
-            .unwrap();
+            put_entries(&log, entries).await;
             log.save_vote(&Vote::new_committed(7, 2)).await.unwrap();
-            let meta = SnapshotMeta {
-                last_log_id: Some(log_id(100)),
-                last_membership: StoredMembership::default(),
-                snapshot_id: "s-100".into(),
-            };
-            let bytes = encode(&State::default()).unwrap();
-            sm.install_snapshot(&meta, Box::new(Cursor::new(bytes)))
-                .await
-                .unwrap();
+            install_snapshot_upto(&mut sm, 100).await;
         }
         let original = contents(dir.path()).await.unwrap();
         let file = std::fs::read(dir.path().join("raft.redb")).unwrap();
@@ -437,24 +448,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
         let (log, mut sm) = crate::raft::open_store(&data).unwrap();
-        let entries: Vec<(u64, Vec<u8>)> = (1..=10)
-            .map(|i| {
-                let e = Entry::<TypeConfig> {
-                    log_id: log_id(i),
-                    payload: EntryPayload::Blank,
-                };
-                (i, encode(&e).unwrap())
+        let entries = (1..=10)
+            .map(|i| Entry::<TypeConfig> {
+                log_id: log_id(i),
+                payload: EntryPayload::Blank,
             })
             .collect();
-        log.write(move |txn| {
-            let mut t = txn.open_table(LOGS)?;
-            for (i, bytes) in &entries {
-                t.insert(*i, bytes.as_slice())?;
-            }
-            Ok(())
-        })
-        .await
-        .unwrap();
+        put_entries(&log, entries).await;
 
         // As after an install from the primary: the purge is issued before the snapshot is in.
         let mut purging = log.clone();
@@ -463,15 +463,7 @@ mod tests {
         assert!(early.is_err(), "purged with no snapshot stored");
         assert_eq!(indexes(&log), (1..=10).collect::<Vec<_>>());
 
-        let meta = SnapshotMeta {
-            last_log_id: Some(log_id(6)),
-            last_membership: StoredMembership::default(),
-            snapshot_id: "s-6".into(),
-        };
-        let bytes = encode(&State::default()).unwrap();
-        sm.install_snapshot(&meta, Box::new(Cursor::new(bytes)))
-            .await
-            .unwrap();
+        install_snapshot_upto(&mut sm, 6).await;
         tokio::time::timeout(Duration::from_secs(10), purge)
             .await
             .expect("purge still waiting after the snapshot was stored")
