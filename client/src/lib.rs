@@ -442,6 +442,22 @@ impl Client {
         .await
     }
 
+    /// The standard gRPC health check: the cheapest call a server answers, the floor that
+    /// every other call is measured against.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::HealthCheckRequest;
+        self.call(|ch| async move {
+            HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Asks any server for the cluster's layout, learns which of this client's servers is which
     /// node, and sends the next calls to the primary. Returns the primary's id, if one is known.
     pub async fn discover_primary(&self) -> Result<Option<u32>, ClientError> {

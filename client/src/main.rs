@@ -1,5 +1,6 @@
 //! `client`: the command line over the client library.
 
+mod bench;
 mod certs;
 mod groups;
 
@@ -63,6 +64,27 @@ enum Cmd {
     Status,
     /// Print the client addresses of the config, one per line.
     Servers,
+    /// Load the cluster from C concurrent callers for a while, then report throughput,
+    /// latency percentiles and errors, after checking what came back (BENCHMARKS.md).
+    Bench {
+        #[arg(long, value_enum, default_value = "get-id")]
+        mode: bench::Mode,
+        /// Concurrent callers, spread over the servers.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Ids per call, for get-ids.
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+        /// HTTP/2 connections per server.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Payload bytes per message, for send.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+    },
     /// Make a private CA and certificates for every node of the config and for a client,
     /// to turn on TLS (see SECURITY.md).
     GenCerts {
@@ -190,6 +212,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Cmd::Bench {
+        mode,
+        concurrency,
+        duration,
+        count,
+        connections,
+        payload,
+    } = &cli.command
+    {
+        if !(duration.is_finite() && *duration > 0.0) {
+            anyhow::bail!("--duration must be a positive number of seconds");
+        }
+        return bench::run(bench::Options {
+            mode: *mode,
+            concurrency: *concurrency,
+            duration: std::time::Duration::from_secs_f64(*duration),
+            count: *count,
+            connections: *connections,
+            payload: *payload,
+            servers: addrs,
+            tls: tls_options(&cli)?,
+            json: cli.json,
+        })
+        .await;
+    }
     let mut client = Client::new(&addrs)?;
     if let Some(tls) = tls_options(&cli)? {
         client = client.with_tls(tls)?;
@@ -241,7 +288,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Status => print_status(&client.status().await?, cli.json),
-        Cmd::Servers | Cmd::GenCerts { .. } => unreachable!("handled above"),
+        Cmd::Servers | Cmd::GenCerts { .. } | Cmd::Bench { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Register { name } => groups::register(&client, name, cli.json).await?,
         Cmd::Join { me, group } => groups::join(&client, &me.identity(), group, cli.json).await?,
         Cmd::Leave { me, group } => client.leave(&me.identity(), group).await?,

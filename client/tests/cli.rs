@@ -226,3 +226,56 @@ fn run_clients_sh_fails_when_an_id_repeats() {
     assert!(!out.status.success(), "duplicates went unnoticed");
     assert!(String::from_utf8_lossy(&out.stderr).contains("DUPLICATE"));
 }
+
+/// One `client bench --json` run against the cluster; its parsed report.
+fn bench(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json", "bench", "--duration", "1"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&stdout(&client(cluster, &all))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_throughput_latency_and_checks_what_it_got() {
+    let mut cluster = cluster().await;
+    for mode in ["ping", "get-id", "get-ids", "send"] {
+        let r = bench(
+            &cluster,
+            &["--mode", mode, "--concurrency", "4", "--count", "10"],
+        );
+        assert_eq!(r["mode"], mode);
+        assert_eq!(r["violations"], 0, "{mode}: {r}");
+        let ops = r["ops"].as_u64().unwrap();
+        assert!(ops > 0, "{mode}: nothing completed: {r}");
+        let lat = &r["latency_us"];
+        let p = |k: &str| lat[k].as_u64().unwrap();
+        assert!(
+            p("p50") <= p("p99") && p("p99") <= p("max"),
+            "{mode}: {lat}"
+        );
+        assert_eq!(r["errors"], serde_json::json!({}), "{mode}: {r}");
+        if mode == "get-ids" {
+            let ids = r["ids_per_s"].as_f64().unwrap();
+            let calls = r["ops_per_s"].as_f64().unwrap();
+            assert!((ids - 10.0 * calls).abs() < 1.0, "{r}");
+        }
+        if mode == "send" {
+            // Each of the three subscribers saw every acknowledged message.
+            let delivered = r["delivered_per_s"].as_f64().unwrap();
+            let sent = r["ops_per_s"].as_f64().unwrap();
+            assert!(delivered >= 3.0 * sent * 0.999, "{r}");
+        }
+    }
+    // The ids it took are really gone: the next one is above all of them.
+    let next: u64 = stdout(&client(&cluster, &["get-id"]))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(next > 1, "bench took no ids");
+
+    // A server that is down is an error the report counts, not a hang or a crash.
+    cluster.kill(1);
+    let r = bench(&cluster, &["--mode", "get-id", "--concurrency", "3"]);
+    assert_eq!(r["violations"], 0);
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["errors"]["UNAVAILABLE"].as_u64().unwrap_or(0) > 0, "{r}");
+}

@@ -105,6 +105,7 @@ async fn run<P: Plan>(
     proposer: Proposer,
 ) {
     let mut replies = JoinSet::new();
+    let mut forwarded = crate::summary::Summary::default();
     // A request that did not fit the previous batch opens the next one.
     let mut carry = None;
     loop {
@@ -153,7 +154,7 @@ async fn run<P: Plan>(
         match proposer.propose(command, deadline).await {
             Ok(committed) => {
                 if committed.primary != proposer.id() {
-                    tracing::info!(
+                    tracing::debug!(
                         node = proposer.id(),
                         primary = committed.primary,
                         requests = waiters.len(),
@@ -162,6 +163,20 @@ async fn run<P: Plan>(
                         waiters.len(),
                         P::WHAT
                     );
+                    if let Some(t) = forwarded.add(waiters.len() as u64, committed.index) {
+                        tracing::info!(
+                            node = proposer.id(),
+                            primary = committed.primary,
+                            batches = t.events,
+                            requests = t.items,
+                            first_index = t.first_index,
+                            last_index = t.last_index,
+                            "forwarded {} {} in {} batches to the primary",
+                            t.items,
+                            P::WHAT,
+                            t.events
+                        );
+                    }
                 }
                 // Answer once applied here, while the next batch is already on its way.
                 let (plan, proposer) = (plan.clone(), proposer.clone());

@@ -18,6 +18,7 @@ pub mod proposer;
 pub mod raft;
 pub mod sender;
 pub mod state;
+pub mod summary;
 pub mod tls;
 
 pub use config::Config;

@@ -105,7 +105,7 @@ pub fn raft_config(config: &Config) -> Result<openraft::Config, Error> {
 }
 
 /// serde encoding shared by the log, the snapshots and the peer wire.
-pub(crate) mod codec {
+pub mod codec {
     use serde::de::DeserializeOwned;
     use serde::Serialize;
 

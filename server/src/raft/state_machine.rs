@@ -6,7 +6,7 @@
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -64,6 +64,8 @@ struct Inner {
     grown: broadcast::Sender<Arc<str>>,
     snapshots_built: AtomicU64,
     node_id: AtomicU64,
+    /// Ids handed out since the last info line.
+    applied_summary: Mutex<crate::summary::Summary>,
 }
 
 /// The state machine store. Clones share the state.
@@ -107,6 +109,7 @@ impl StateMachine {
                 grown: broadcast::channel(WAKEUP_BUFFER).0,
                 snapshots_built: AtomicU64::new(0),
                 node_id: AtomicU64::new(0),
+                applied_summary: Mutex::default(),
             }),
         };
         if let Some(stored) = sm.load_snapshot().map_err(|e| internal(e.to_string()))? {
@@ -194,6 +197,30 @@ impl StateMachine {
     }
 }
 
+impl StateMachine {
+    /// At most one info line a second about the ids applied here.
+    fn summarize(&self, node: NodeId, ids: u64, index: u64) {
+        let due = self
+            .inner
+            .applied_summary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(ids, index);
+        if let Some(t) = due {
+            tracing::info!(
+                node,
+                ids = t.items,
+                entries = t.events,
+                first_index = t.first_index,
+                last_index = t.last_index,
+                "applied {} ids in {} log entries",
+                t.items,
+                t.events
+            );
+        }
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
         // Copy under the lock, encode and write outside it, so applying is not held up.
@@ -262,7 +289,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         applied
                             .state
                             .apply(&cmd, entry.log_id.leader_id.term, &mut touched);
-                    log_applied(node, entry.log_id.index, &cmd, &reply);
+                    let ids = log_applied(node, entry.log_id.index, &cmd, &reply);
+                    if ids > 0 {
+                        self.summarize(node, ids, entry.log_id.index);
+                    }
                     reply
                 }
             };
@@ -323,14 +353,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// One info line per applied batch: batching keeps this far below one line per request.
-fn log_applied(node: NodeId, index: u64, cmd: &Command, reply: &Reply) {
+/// A debug line per range applied; returns how many ids the entry handed out.
+fn log_applied(node: NodeId, index: u64, cmd: &Command, reply: &Reply) -> u64 {
     let (Command::Allocate { requests, .. }, Reply::Allocated(results)) = (cmd, reply) else {
-        return;
+        return 0;
     };
+    let mut ids = 0;
     for (req, res) in requests.iter().zip(results) {
         match res {
-            Ok(first) => tracing::info!(
+            Ok(first) => {
+                ids += req.count;
+                tracing::debug!(
                 node,
                 index,
                 sequence = %req.sequence,
@@ -339,12 +372,14 @@ fn log_applied(node: NodeId, index: u64, cmd: &Command, reply: &Reply) {
                 "applied ids {}..{}",
                 first,
                 *first + req.count - 1
-            ),
+                )
+            }
             Err(e) => {
-                tracing::info!(node, index, sequence = %req.sequence, error = %e, "refused allocation")
+                tracing::debug!(node, index, sequence = %req.sequence, error = %e, "refused allocation")
             }
         }
     }
+    ids
 }
 
 #[cfg(test)]

@@ -1,0 +1,447 @@
+//! `client bench`: a closed-loop load generator. C callers, spread over the servers and over
+//! several HTTP/2 connections per server, each issue one call at a time for a fixed duration.
+//! Latencies go into HDR histograms; what came back is checked (ids unique, group_seq dense
+//! and never duplicated) and a violation fails the run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use sequencer_client::{code_name, Client, Identity, Tls};
+use serde_json::json;
+
+/// How long one call may take, retries included, before it counts as an error.
+const CALL_DEADLINE: Duration = Duration::from_secs(2);
+
+/// What each caller does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    GetId,
+    GetIds,
+    Send,
+    Ping,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    pub concurrency: usize,
+    pub duration: Duration,
+    /// Ids per GetIds call.
+    pub count: u32,
+    /// HTTP/2 connections per server.
+    pub connections: usize,
+    /// Payload bytes per Send.
+    pub payload: usize,
+    pub servers: Vec<String>,
+    pub tls: Option<Tls>,
+    pub json: bool,
+}
+
+/// One caller's record.
+#[derive(Default)]
+struct Tally {
+    latency: Option<Histogram<u64>>,
+    errors: HashMap<&'static str, u64>,
+    /// (first, count) of every id range handed out.
+    ids: Vec<(u64, u64)>,
+}
+
+/// What the subscribers saw, for `send`.
+struct Deliveries {
+    messages: u64,
+    problems: Vec<String>,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    if opts.concurrency == 0 || opts.connections == 0 {
+        bail!("--concurrency and --connections must be at least 1");
+    }
+    if opts.mode == Mode::GetIds && opts.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let clients = connect(&opts)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+
+    // For send: one identity per caller in one fresh group, and a subscriber per server.
+    let group = format!("bench-{}", std::process::id());
+    let mut identities = Vec::new();
+    let mut subscribers = Vec::new();
+    if opts.mode == Mode::Send {
+        let first = &clients[0][0];
+        let watcher = Identity::from(&first.register("bench-watcher").await?);
+        first.join(&watcher, &group).await?;
+        for i in 0..opts.concurrency {
+            let me = Identity::from(&first.register(&format!("bench-{i}")).await?);
+            first.join(&me, &group).await?;
+            identities.push(me);
+        }
+        for server in &clients {
+            subscribers.push(tokio::spawn(subscribe(
+                server[0].clone(),
+                watcher.clone(),
+                group.clone(),
+                stop.clone(),
+            )));
+        }
+        // Keep every bench identity alive while it runs.
+        let alive = clients[0][0].clone();
+        let mut all = identities.clone();
+        all.push(watcher);
+        let stop_hb = stop.clone();
+        tokio::spawn(async move {
+            while !stop_hb.load(Ordering::Relaxed) {
+                for me in &all {
+                    let _ = alive.heartbeat(me).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+    }
+
+    let started = Instant::now();
+    let mut callers = Vec::new();
+    for i in 0..opts.concurrency {
+        let server = &clients[i % clients.len()];
+        let client = server[(i / clients.len()) % server.len()].clone();
+        let me = identities.get(i).cloned();
+        callers.push(tokio::spawn(caller(
+            opts.mode,
+            opts.count,
+            opts.payload,
+            client,
+            me,
+            group.clone(),
+            stop.clone(),
+            done.clone(),
+            failed.clone(),
+        )));
+    }
+    let progress = progress_line(&opts, started, done.clone(), failed.clone());
+    tokio::time::sleep(opts.duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latency = Histogram::<u64>::new(3).context("histogram")?;
+    let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut ranges = Vec::new();
+    for c in callers {
+        let t = c.await.context("a caller panicked")?;
+        if let Some(h) = &t.latency {
+            latency.add(h).context("merging histograms")?;
+        }
+        for (code, n) in t.errors {
+            *errors.entry(code).or_default() += n;
+        }
+        ranges.extend(t.ids);
+    }
+    let elapsed = started.elapsed();
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+
+    let mut problems = Vec::new();
+    let mut delivered = None;
+    match opts.mode {
+        Mode::GetId | Mode::GetIds => problems.extend(overlaps(&mut ranges)),
+        Mode::Send => {
+            let sent = latency.len();
+            let mut per_server = Vec::new();
+            for s in subscribers {
+                let d = s.await.context("a subscriber panicked")?;
+                problems.extend(d.problems);
+                per_server.push(d.messages);
+            }
+            // Every subscriber must have seen at least every acknowledged message.
+            for (i, got) in per_server.iter().enumerate() {
+                if *got < sent {
+                    problems.push(format!(
+                        "subscriber on server {} saw {got} messages of {sent} acknowledged",
+                        i + 1
+                    ));
+                }
+            }
+            delivered = Some(per_server.iter().sum::<u64>());
+        }
+        Mode::Ping => {}
+    }
+    report(&opts, elapsed, &latency, &errors, delivered, &problems);
+    if !problems.is_empty() {
+        bail!("{} violation(s), first: {}", problems.len(), problems[0]);
+    }
+    Ok(())
+}
+
+/// `connections` clients per server, each its own HTTP/2 connection, bound to that server.
+fn connect(opts: &Options) -> anyhow::Result<Vec<Vec<Arc<Client>>>> {
+    opts.servers
+        .iter()
+        .map(|addr| {
+            (0..opts.connections)
+                .map(|_| {
+                    // A call that fails should count as an error soon, not stall its caller
+                    // past the end of the run.
+                    let mut c = Client::new([addr.as_str()])?
+                        .with_deadline(CALL_DEADLINE)
+                        .with_rpc_timeout(CALL_DEADLINE)?;
+                    if let Some(tls) = &opts.tls {
+                        c = c.with_tls(tls.clone())?;
+                    }
+                    Ok(Arc::new(c))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn caller(
+    mode: Mode,
+    count: u32,
+    payload: usize,
+    client: Arc<Client>,
+    me: Option<Identity>,
+    group: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) -> Tally {
+    let mut t = Tally {
+        latency: Histogram::new(3).ok(),
+        ..Tally::default()
+    };
+    let mut seq = 1;
+    let body = vec![b'x'; payload];
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        let res = match mode {
+            Mode::GetId => client.get_id("").await.map(|r| Some((r.id, 1))),
+            Mode::GetIds => client
+                .get_ids("", count)
+                .await
+                .map(|r| Some((r.first, u64::from(r.count)))),
+            Mode::Ping => client.ping().await.map(|_| None),
+            Mode::Send => match &me {
+                Some(me) => client
+                    .send(me, &group, seq, body.clone())
+                    .await
+                    .map(|_| None),
+                None => return t,
+            },
+        };
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match res {
+            Ok(range) => {
+                if let Some(h) = &mut t.latency {
+                    let _ = h.record(us.max(1));
+                }
+                if let Some(r) = range {
+                    t.ids.push(r);
+                }
+                seq += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                *t.errors.entry(code_name(e.code())).or_default() += 1;
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    t
+}
+
+/// Reads the group from the first delivery after joining until the run stops and the stream
+/// goes quiet, checking that group_seq is dense and never repeats.
+async fn subscribe(
+    client: Arc<Client>,
+    me: Identity,
+    group: String,
+    stop: Arc<AtomicBool>,
+) -> Deliveries {
+    let mut d = Deliveries {
+        messages: 0,
+        problems: Vec::new(),
+    };
+    let mut stream = match client.subscribe(&me, &group, 1).await {
+        Ok(s) => s,
+        Err(e) => {
+            d.problems.push(format!("subscribe: {e}"));
+            return d;
+        }
+    };
+    let mut next = 1;
+    loop {
+        // After the stop, drain until the stream has been quiet for a second.
+        let wait = if stop.load(Ordering::Relaxed) {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(3600)
+        };
+        match tokio::time::timeout(wait, stream.message()).await {
+            Ok(Ok(Some(delivery))) => {
+                if delivery.group_seq != next {
+                    d.problems.push(format!(
+                        "group_seq {} arrived where {next} was due",
+                        delivery.group_seq
+                    ));
+                }
+                next = delivery.group_seq + 1;
+                if delivery.kind == sequencer_client::pb::delivery::Kind::Message as i32 {
+                    d.messages += 1;
+                }
+            }
+            Ok(Ok(None)) => return d,
+            Ok(Err(e)) => {
+                d.problems.push(format!("subscription broke: {e}"));
+                return d;
+            }
+            Err(_) if stop.load(Ordering::Relaxed) => return d,
+            Err(_) => {}
+        }
+    }
+}
+
+/// Sorts the ranges and describes every pair that shares an id.
+fn overlaps(ranges: &mut [(u64, u64)]) -> Vec<String> {
+    ranges.sort_unstable();
+    ranges
+        .windows(2)
+        .filter(|w| w[0].0 + w[0].1 > w[1].0)
+        .map(|w| {
+            format!(
+                "ids {}..{} and {}..{} overlap",
+                w[0].0,
+                w[0].0 + w[0].1 - 1,
+                w[1].0,
+                w[1].0 + w[1].1 - 1
+            )
+        })
+        .collect()
+}
+
+fn progress_line(
+    opts: &Options,
+    started: Instant,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) -> Option<indicatif::ProgressBar> {
+    if opts.json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    let tick = bar.clone();
+    tokio::spawn(async move {
+        while !tick.is_finished() {
+            let ops = done.load(Ordering::Relaxed);
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            tick.set_message(format!(
+                "{:>5.1} s  {:>10.0} ops/s  {} errors",
+                secs,
+                ops as f64 / secs,
+                failed.load(Ordering::Relaxed)
+            ));
+            tick.tick();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    Some(bar)
+}
+
+fn report(
+    opts: &Options,
+    elapsed: Duration,
+    latency: &Histogram<u64>,
+    errors: &BTreeMap<&'static str, u64>,
+    delivered: Option<u64>,
+    problems: &[String],
+) {
+    let secs = elapsed.as_secs_f64();
+    let ops = latency.len();
+    let per_op = if opts.mode == Mode::GetIds {
+        u64::from(opts.count)
+    } else {
+        1
+    };
+    let q = |p: f64| latency.value_at_quantile(p);
+    let mode = clap::ValueEnum::to_possible_value(&opts.mode)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    if opts.json {
+        println!(
+            "{}",
+            json!({
+                "mode": mode,
+                "concurrency": opts.concurrency,
+                "connections": opts.connections,
+                "servers": opts.servers,
+                "seconds": secs,
+                "ops": ops,
+                "ops_per_s": ops as f64 / secs,
+                "ids_per_s": (ops * per_op) as f64 / secs,
+                "delivered_per_s": delivered.map(|d| d as f64 / secs),
+                "latency_us": {
+                    "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),
+                    "max": latency.max(),
+                },
+                "errors": errors,
+                "violations": problems.len(),
+            })
+        );
+        return;
+    }
+    println!(
+        "{mode}: {} callers on {} server(s) for {secs:.1} s",
+        opts.concurrency,
+        opts.servers.len()
+    );
+    println!("  ops        {ops} ({:.0}/s)", ops as f64 / secs);
+    if opts.mode == Mode::GetIds {
+        println!("  ids        {:.0}/s", (ops * per_op) as f64 / secs);
+    }
+    if let Some(d) = delivered {
+        println!(
+            "  delivered  {d} ({:.0} messages/s over all subscribers)",
+            d as f64 / secs
+        );
+    }
+    println!(
+        "  latency    p50 {} µs  p90 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        latency.max()
+    );
+    if errors.is_empty() {
+        println!("  errors     none");
+    } else {
+        let list: Vec<String> = errors.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        println!("  errors     {}", list.join(", "));
+    }
+    println!(
+        "  checks     {}",
+        if problems.is_empty() {
+            "ok".to_string()
+        } else {
+            format!("{} violation(s)", problems.len())
+        }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlaps;
+
+    #[test]
+    fn overlapping_ranges_are_reported_and_adjacent_ones_are_not() {
+        let mut ok = vec![(11, 10), (1, 10), (21, 1)];
+        assert!(overlaps(&mut ok).is_empty());
+        let mut bad = vec![(1, 10), (10, 5), (30, 1), (30, 1)];
+        let found = overlaps(&mut bad);
+        assert_eq!(found.len(), 2, "{found:?}");
+    }
+}
