@@ -113,6 +113,11 @@ fn write(
         .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies only to a new file; an old key file keeps its mode otherwise.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if secret { 0o600 } else { 0o644 };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     written.push(path.display().to_string());
     Ok(())
 }

@@ -107,12 +107,25 @@ struct Server {
 }
 
 /// How to reach servers over TLS: PEM bytes, already read.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Tls {
     /// The CA that signed the servers' certificates; without it, the public web roots.
     pub ca: Option<Vec<u8>>,
     /// A client certificate and key, for servers that require one (`tls_client_auth`).
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("ca", &self.ca.as_ref().map(|c| c.len()))
+            .field(
+                "identity",
+                &self.identity.as_ref().map(|_| "<certificate and key>"),
+            )
+            .finish()
+    }
 }
 
 impl Tls {

@@ -220,8 +220,11 @@ impl Config {
             )));
         }
         let figment = figment
-            // Unknown SEQUENCER_* variables are refused like unknown file keys.
-            .merge(Env::prefixed("SEQUENCER_"))
+            // Unknown SEQUENCER_* variables are refused like unknown file keys. The secret is
+            // taken as the string it is: figment would read an all-digit one as a number, and
+            // the type error would print it.
+            .merge(Env::prefixed("SEQUENCER_").ignore(&["CLUSTER_SECRET"]))
+            .merge(secret_from_env())
             .merge(Serialized::defaults(overrides));
         let raw: RawConfig = figment.extract().map_err(|e| ConfigError(one_line(e)))?;
         raw.validate()
@@ -245,6 +248,15 @@ impl Config {
     pub fn node_dir(&self, id: u64) -> PathBuf {
         self.data_dir.join(format!("node-{id}"))
     }
+}
+
+/// `SEQUENCER_CLUSTER_SECRET`, verbatim, as a config layer.
+fn secret_from_env() -> Serialized<std::collections::BTreeMap<&'static str, String>> {
+    let mut layer = std::collections::BTreeMap::new();
+    if let Ok(secret) = std::env::var(CLUSTER_SECRET_ENV) {
+        layer.insert("cluster_secret", secret);
+    }
+    Serialized::defaults(layer)
 }
 
 fn one_line(e: figment::Error) -> String {
@@ -617,6 +629,26 @@ mod tests {
             let e =
                 Config::load(Path::new("config.json"), true, &Overrides::default()).unwrap_err();
             assert!(e.to_string().contains("max_bathc"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_secret_from_the_environment_is_taken_verbatim_and_never_printed() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "config.json",
+                r#"{"cluster_secret": "from-the-config-file"}"#,
+            )?;
+            // All digits, with a leading zero: a number to figment, a string to us.
+            jail.set_env("SEQUENCER_CLUSTER_SECRET", "0123456789012345678");
+            let c = Config::load(Path::new("config.json"), true, &Overrides::default()).unwrap();
+            assert!(c.cluster_secret.unwrap().matches(b"0123456789012345678"));
+            jail.set_env("SEQUENCER_CLUSTER_SECRET", "0123");
+            let e = Config::load(Path::new("config.json"), true, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("cluster_secret") && !e.contains("0123"), "{e}");
             Ok(())
         });
     }

@@ -35,8 +35,8 @@ pub async fn run(
     let exe = std::env::current_exe().context("locating the server binary")?;
     // Peers must share a secret; with none configured, these children get a fresh one.
     let generated = match &config.cluster_secret {
-        Some(_) => None,
-        None => Some(random_secret()?),
+        None if config.nodes.len() > 1 => Some(random_secret()?),
+        _ => None,
     };
     let mut children = Vec::new();
     for node in &config.nodes {

@@ -46,11 +46,21 @@ impl TlsMaterial {
             Some(ca) => Some(Certificate::from_pem(read("tls_ca", for_node(ca, id))?)),
             None => None,
         };
-        Ok(Some(Self {
+        let material = Self {
             identity,
             ca,
             client_auth: *client_auth,
-        }))
+        };
+        // tonic parses the PEM only when a listener or channel is built; do it now, so a bad
+        // file stops the node before it touches its data dir.
+        tonic::transport::Server::builder()
+            .tls_config(material.peer_listener())
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "keys `tls_cert`/`tls_key`/`tls_ca`: not a usable certificate, key and CA: {e}"
+                ))
+            })?;
+        Ok(Some(material))
     }
 
     /// The client listener: this node's certificate; client certificates only if asked for.

@@ -139,6 +139,16 @@ fn a_missing_certificate_file_is_named_in_one_line() {
         "`{stderr}` does not name the key and the file"
     );
     assert!(!dir.path().join("data").join("node-1").exists());
+
+    // Files that are there but hold no certificate: the same, one line, no data dir.
+    std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+    std::fs::write(dir.path().join("certs/node-1.pem"), "not a certificate").unwrap();
+    std::fs::write(dir.path().join("certs/node-1-key.pem"), "not a key").unwrap();
+    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "1"], dir.path());
+    assert!(!ok, "started with a garbage certificate");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert!(stderr.contains("tls_cert"), "{stderr}");
+    assert!(!dir.path().join("data").join("node-1").exists());
 }
 
 #[test]

@@ -425,6 +425,14 @@ mod tests {
             match contents(copy.path()).await {
                 Err(Error::Corrupt(msg)) => {
                     assert!(msg.contains("raft.redb"), "{what}: unclear message {msg}");
+                    // redb may have rewritten the file into a consistent older state: the
+                    // next start must refuse it all the same.
+                    match contents(copy.path()).await {
+                        Err(Error::Corrupt(again)) => {
+                            assert!(again.contains("earlier start"), "{what}: {again}")
+                        }
+                        other => panic!("{what}: refused once, then {:?}", other.map(|_| ())),
+                    }
                     refused += 1;
                 }
                 Err(e) => panic!("{what}: failed with something else than Corrupt: {e}"),

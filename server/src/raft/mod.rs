@@ -40,19 +40,36 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// A Raft log id (term, leader, index).
 pub type LogId = openraft::LogId<NodeId>;
 
+/// Left in a data dir whose store was refused at start, so that later starts refuse it too.
+pub const DAMAGED: &str = "DAMAGED";
+
 /// Opens (or creates) the node's redb file in its locked data dir and returns its log store
 /// and state machine.
 pub fn open_store(
     dir: &DataDir,
 ) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
     let path = dir.path().join("raft.redb");
+    let marker = dir.path().join(DAMAGED);
     let corrupt = |why: String| {
+        // redb may already have rewritten a damaged file into a consistent older state; the
+        // marker keeps the next start from serving it.
+        let _ = std::fs::write(&marker, format!("{why}\n"));
         Error::Corrupt(format!(
             "{}: {why}; refusing to start rather than serve lost or stale state (to resync this \
              node from its peers, move its data dir away while the others have a quorum)",
             path.display()
         ))
     };
+    if let Ok(why) = std::fs::read_to_string(&marker) {
+        return Err(Error::Corrupt(format!(
+            "{}: refused at an earlier start ({}; see {}); refusing to start rather than serve \
+             lost or stale state (to resync this node from its peers, move its data dir away \
+             while the others have a quorum)",
+            path.display(),
+            why.trim(),
+            marker.display()
+        )));
+    }
     // redb checks page checksums only when it recovers from a crash; a byte flipped on a disk
     // or by hand is found only by walking every page. A repair here could have rolled back to
     // an older commit, which may hold a vote or log entries this node already acknowledged.
