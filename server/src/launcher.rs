@@ -116,10 +116,18 @@ async fn next_exit(children: &mut [ChildNode], down: &mut HashSet<u64>) -> Strin
 /// Polls every node's Cluster.Status until all of them name the same primary.
 async fn wait_for_primary(config: &Config) -> anyhow::Result<u64> {
     let deadline = Instant::now() + START_DEADLINE;
+    // Over TLS when the nodes use it, showing each node's own certificate (this host has
+    // every node's files), which also passes `tls_client_auth`. Read once, not every poll.
+    let tls = config
+        .nodes
+        .iter()
+        .map(|n| TlsMaterial::load(config, n.id))
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading TLS files")?;
     loop {
         let mut seen = Vec::new();
-        for node in &config.nodes {
-            seen.push(primary_seen_by(config, node.id, &node.addr).await);
+        for (node, tls) in config.nodes.iter().zip(&tls) {
+            seen.push(primary_seen_by(&node.addr, tls.as_ref()).await);
         }
         if let Some(Some(p)) = seen.first() {
             if seen.iter().all(|s| *s == Some(*p)) {
@@ -136,16 +144,9 @@ async fn wait_for_primary(config: &Config) -> anyhow::Result<u64> {
     }
 }
 
-async fn primary_seen_by(config: &Config, id: u64, addr: &str) -> Option<u64> {
+async fn primary_seen_by(addr: &str, tls: Option<&TlsMaterial>) -> Option<u64> {
     let call = async {
-        // Over TLS when the nodes use it, showing the node's own certificate (this host has
-        // every node's files), which also passes `tls_client_auth`.
-        let tls = TlsMaterial::load(config, id).ok()?;
-        let channel = tls::endpoint(addr, tls.as_ref())
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
+        let channel = tls::endpoint(addr, tls).ok()?.connect().await.ok()?;
         let mut client = ClusterClient::new(channel);
         let status = client.status(StatusRequest {}).await.ok()?.into_inner();
         (status.primary != 0).then_some(u64::from(status.primary))

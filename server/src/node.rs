@@ -59,9 +59,9 @@ pub async fn run(
         )));
     }
     let dir = config.node_dir(id);
-    // Held until this function returns: nobody else may open this node's data meanwhile.
     // Before touching the data dir: a node that cannot serve should leave no trace.
     let tls = TlsMaterial::load(&config, id)?;
+    // Held until this function returns: nobody else may open this node's data meanwhile.
     let data = DataDir::lock(&dir)?;
     let (log, sm) = open_store(&data)?;
     sm.set_node_id(id);
