@@ -6,6 +6,10 @@
 #
 # Narrow it with NODES="3" MODES="get-id ping" CONCURRENCY="1 64" TARGETS="spread"
 # SECONDS_EACH=5 (the defaults run everything, about 10 minutes at 5 s each).
+#
+# When `etcd` or `redis-server` is on the PATH, the same harness loads them too: etcd clusters
+# of the same sizes (get-id is a Put, its revision the id) and one Redis (get-id is INCR), for
+# get-id and ping, callers spread over the members. OTHERS="" leaves them out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +19,7 @@ CONCURRENCY=${CONCURRENCY:-"1 16 64 256"}
 TARGETS=${TARGETS:-"spread primary"}
 SECONDS_EACH=${SECONDS_EACH:-5}
 MEMORY_IDS=${MEMORY_IDS:-10000000}
+OTHERS=${OTHERS-"etcd redis-server"}
 
 cargo build --release --quiet --bin server --bin client --bin chart
 bin=$PWD/target/release
@@ -22,10 +27,17 @@ out=bench/results
 mkdir -p "$out"
 work=$(mktemp -d)
 launcher=""
+others=()
 cleanup() {
-    # Only the launcher we started; it stops its own nodes.
+    # Only the processes we started: the launcher stops its own nodes.
     if [ -n "$launcher" ]; then kill "$launcher" 2>/dev/null || true; wait "$launcher" 2>/dev/null || true; fi
+    stop_others
     rm -rf "$work"
+}
+stop_others() {
+    local pid
+    for pid in "${others[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+    others=()
 }
 trap cleanup EXIT
 
@@ -67,6 +79,31 @@ s = json.load(sys.stdin)
 print(next(n["addr"] for n in s["nodes"] if n["primary"]))'
 }
 
+# bench_cell SYSTEM NODES TARGET MODE C ARGS...: one cell, appended to $runs.
+bench_cell() {
+    local system=$1 n=$2 target=$3 mode=$4 c=$5 line
+    shift 5
+    printf '%s nodes=%s target=%s mode=%s concurrency=%s ... ' "$system" "$n" "$target" "$mode" "$c" >&2
+    line=$("$bin/client" --config "$work/config.json" "$@" --json bench --system "$system" \
+        --mode "$mode" --concurrency "$c" --duration "$SECONDS_EACH")
+    echo "$line" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+r.update(system=sys.argv[1], nodes=int(sys.argv[2]), target=sys.argv[3])
+print(json.dumps(r))
+print("%.0f/s p99 %d us" % (r["ops_per_s"], r["latency_us"]["p99"]), file=sys.stderr)' "$system" "$n" "$target" >> "$runs"
+}
+
+# until_answers SYSTEM ADDR: waits (60 s at most) until a ping to ADDR gets through.
+until_answers() {
+    local deadline=$((SECONDS + 60))
+    until "$bin/client" --json bench --system "$1" --mode ping --concurrency 1 --duration 0.2 \
+        --server "$2" 2>/dev/null | grep -q '"errors":{}'; do
+        if ((SECONDS > deadline)); then echo "$1 at $2 did not answer within 60 s" >&2; exit 1; fi
+        sleep 0.2
+    done
+}
+
 runs=$work/runs.jsonl
 : > "$runs"
 for n in $NODES; do
@@ -75,25 +112,52 @@ for n in $NODES; do
         if [ "$target" = primary ]; then servers=(--server "$(primary_addr)"); else servers=(); fi
         for mode in $MODES; do
             for c in $CONCURRENCY; do
-                printf 'nodes=%s target=%s mode=%s concurrency=%s ... ' "$n" "$target" "$mode" "$c" >&2
-                line=$("$bin/client" --config "$work/config.json" "${servers[@]}" --json bench \
-                    --mode "$mode" --concurrency "$c" --duration "$SECONDS_EACH")
-                echo "$line" | python3 -c '
-import json, sys
-r = json.load(sys.stdin)
-r.update(system="sequencer", nodes=int(sys.argv[1]), target=sys.argv[2])
-print(json.dumps(r))
-print("%.0f/s p99 %d us" % (r["ops_per_s"], r["latency_us"]["p99"]), file=sys.stderr)' "$n" "$target" >> "$runs"
+                bench_cell sequencer "$n" "$target" "$mode" "$c" "${servers[@]}"
             done
         done
     done
     stop_cluster
 done
 
-for other in etcd redis-server; do
-    if command -v "$other" > /dev/null; then
-        echo "$other is installed, but client bench has no $other mode yet: skipped" >&2
-    fi
+for other in $OTHERS; do
+    command -v "$other" > /dev/null || continue
+    case $other in
+    etcd)
+        for n in $NODES; do
+            read -r -a ports <<< "$(free_ports $((2 * n)))"
+            cluster="" servers=()
+            for ((i = 0; i < n; i++)); do cluster+="e$i=http://127.0.0.1:${ports[2*i+1]},"; done
+            for ((i = 0; i < n; i++)); do
+                etcd --name "e$i" --data-dir "$work/etcd/e$i" --log-level error \
+                    --listen-client-urls "http://127.0.0.1:${ports[2*i]}" \
+                    --advertise-client-urls "http://127.0.0.1:${ports[2*i]}" \
+                    --listen-peer-urls "http://127.0.0.1:${ports[2*i+1]}" \
+                    --initial-advertise-peer-urls "http://127.0.0.1:${ports[2*i+1]}" \
+                    --initial-cluster "${cluster%,}" --initial-cluster-state new \
+                    > "$work/etcd-$i.log" 2>&1 &
+                others+=($!)
+                servers+=(--server "127.0.0.1:${ports[2*i]}")
+            done
+            until_answers etcd "127.0.0.1:${ports[0]}"
+            for mode in get-id ping; do
+                for c in $CONCURRENCY; do bench_cell etcd "$n" spread "$mode" "$c" "${servers[@]}"; done
+            done
+            stop_others
+            rm -rf "$work/etcd"
+        done
+        ;;
+    redis-server)
+        read -r -a ports <<< "$(free_ports 1)"
+        redis-server --port "${ports[0]}" --bind 127.0.0.1 --save "" --appendonly no \
+            > "$work/redis.log" 2>&1 &
+        others+=($!)
+        until_answers redis "127.0.0.1:${ports[0]}"
+        for mode in get-id ping; do
+            for c in $CONCURRENCY; do bench_cell redis 1 spread "$mode" "$c" --server "127.0.0.1:${ports[0]}"; done
+        done
+        stop_others
+        ;;
+    esac
 done
 
 # Memory and disk after MEMORY_IDS ids on 3 nodes (GetIds of 1000, 64 callers).

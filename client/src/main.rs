@@ -69,6 +69,9 @@ enum Cmd {
     Bench {
         #[arg(long, value_enum, default_value = "get-id")]
         mode: bench::Mode,
+        /// What to load: this cluster, or etcd or Redis at the --server addresses, to compare.
+        #[arg(long, value_enum, default_value = "sequencer")]
+        system: bench::System,
         /// Concurrent callers, spread over the servers.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
@@ -214,6 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Cmd::Bench {
         mode,
+        system,
         concurrency,
         duration,
         count,
@@ -225,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("--duration must be a positive number of seconds");
         }
         return bench::run(bench::Options {
+            system: *system,
             mode: *mode,
             concurrency: *concurrency,
             duration: std::time::Duration::from_secs_f64(*duration),

@@ -14,3 +14,8 @@ pub mod v1 {
 pub mod peer {
     tonic::include_proto!("sequencer.peer.v1");
 }
+
+/// The part of etcd's v3 API that `client bench --system etcd` calls, to compare with etcd.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}

@@ -68,6 +68,8 @@ struct RawConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tls_ca: Option<String>,
     tls_client_auth: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    worker_threads: Option<u32>,
 }
 
 impl Default for RawConfig {
@@ -106,6 +108,7 @@ impl Default for RawConfig {
             tls_key: None,
             tls_ca: None,
             tls_client_auth: false,
+            worker_threads: None,
         }
     }
 }
@@ -116,6 +119,9 @@ pub struct Overrides {
     /// `--data-dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// `--worker-threads`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<u32>,
 }
 
 /// The validated configuration every part of the server reads.
@@ -163,6 +169,9 @@ pub struct Config {
     pub cluster_secret: Option<ClusterSecret>,
     /// TLS on both listeners and between peers; `None`: plaintext.
     pub tls: Option<TlsFiles>,
+    /// Threads of a node's async runtime; `None`: one per core, or, for nodes the launcher
+    /// starts together on one host, the cores shared out among them.
+    pub worker_threads: Option<usize>,
 }
 
 /// PEM file paths; `{id}` in a path stands for the node's id.
@@ -470,6 +479,11 @@ impl RawConfig {
         if self.max_concurrent_streams == 0 {
             return err("max_concurrent_streams", "must be at least 1".into());
         }
+        if let Some(n) = self.worker_threads {
+            if !(1..=1024).contains(&n) {
+                return err("worker_threads", "must be 1..=1024".into());
+            }
+        }
         for (key, ms) in [
             (
                 "http2_keepalive_interval_ms",
@@ -515,6 +529,7 @@ impl RawConfig {
         };
         Ok(Config {
             tls,
+            worker_threads: self.worker_threads.map(|n| n as usize),
             max_subscribers: self.max_subscribers as usize,
             max_concurrent_streams: self.max_concurrent_streams,
             http2_keepalive_interval: Duration::from_millis(self.http2_keepalive_interval_ms),
@@ -656,15 +671,33 @@ mod tests {
     #[test]
     fn flags_override_everything() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("config.json", r#"{"data_dir": "from-file"}"#)?;
+            jail.create_file(
+                "config.json",
+                r#"{"data_dir": "from-file", "worker_threads": 4}"#,
+            )?;
             jail.set_env("SEQUENCER_DATA_DIR", "from-env");
+            let c = Config::load(Path::new("config.json"), true, &Overrides::default()).unwrap();
+            assert_eq!(c.worker_threads, Some(4));
             let flags = Overrides {
                 data_dir: Some("from-flag".into()),
+                worker_threads: Some(1),
             };
             let c = Config::load(Path::new("config.json"), true, &flags).unwrap();
             assert_eq!(c.data_dir, PathBuf::from("from-flag"));
+            assert_eq!(c.worker_threads, Some(1));
             Ok(())
         });
+    }
+
+    #[test]
+    fn worker_threads_are_optional_and_bounded() {
+        assert_eq!(Config::from_json("{}").unwrap().worker_threads, None);
+        for bad in ["0", "1025"] {
+            let e = Config::from_json(&format!(r#"{{"worker_threads": {bad}}}"#))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("worker_threads"), "{e}");
+        }
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub async fn run(
         None if config.nodes.len() > 1 => Some(random_secret()?),
         _ => None,
     };
+    // Nodes sharing a host share its cores: on 2 cores, three nodes with a thread each spend
+    // far less on waking and stealing between threads than with two each (BENCHMARKS.md).
+    let threads = config.worker_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / config.nodes.len()).max(1)
+    });
     let mut children = Vec::new();
     for node in &config.nodes {
         let mut cmd = Command::new(&exe);
@@ -48,6 +54,7 @@ pub async fn run(
         if let Some(dir) = data_dir {
             cmd.arg("--data-dir").arg(dir);
         }
+        cmd.arg("--worker-threads").arg(threads.to_string());
         if let Some(secret) = &generated {
             cmd.env(CLUSTER_SECRET_ENV, secret);
         }

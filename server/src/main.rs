@@ -27,6 +27,9 @@ struct Args {
     /// Overrides `data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Overrides `worker_threads`: threads of this node's async runtime.
+    #[arg(long)]
+    worker_threads: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     };
     let overrides = Overrides {
         data_dir: args.data_dir.clone(),
+        worker_threads: args.worker_threads,
     };
     let config = match Config::load(&path, required, &overrides) {
         Ok(c) => c,
@@ -46,7 +50,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    match (args.node, config.worker_threads) {
+        (Some(_), Some(n)) => {
+            builder.worker_threads(n);
+        }
+        (Some(_), None) => {}
+        // The launcher only starts and watches its children.
+        (None, _) => {
+            builder.worker_threads(1);
+        }
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("server: starting the runtime: {e}");

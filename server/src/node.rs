@@ -79,7 +79,13 @@ pub async fn run(
     .await
     .map_err(|e| Error::Internal(format!("starting raft: {e}")))?;
     initialize(&raft, &config).await?;
-    tracing::info!(node = id, dir = %dir.display(), nodes = config.nodes.len(), "node started");
+    tracing::info!(
+        node = id,
+        dir = %dir.display(),
+        nodes = config.nodes.len(),
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "node started"
+    );
 
     let (stop_clients, stop_clients_rx) = watch::channel(false);
     let (stop_peers, stop_peers_rx) = watch::channel(false);

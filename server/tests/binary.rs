@@ -238,6 +238,12 @@ async fn one_command_starts_every_node_prints_the_table_and_stops_on_sigterm() {
         logs.iter().any(|l| l.starts_with("node1 | ")),
         "child output is not prefixed: {logs:?}"
     );
+    // Nodes on one host share its cores.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let threads = format!("worker_threads={}", (cores / 3).max(1));
+    let started: Vec<&String> = logs.iter().filter(|l| l.contains("node started")).collect();
+    assert_eq!(started.len(), 3, "{logs:?}");
+    assert!(started.iter().all(|l| l.contains(&threads)), "{started:?}");
 
     // SIGTERM to the launcher we started stops every node, then the launcher itself.
     unsafe {

@@ -2,6 +2,11 @@
 //! several HTTP/2 connections per server, each issue one call at a time for a fixed duration.
 //! Latencies go into HDR histograms; what came back is checked (ids unique, group_seq dense
 //! and never duplicated) and a violation fails the run.
+//!
+//! The same harness loads etcd (a Put's revision is the id) and Redis (INCR), for comparison.
+
+mod etcd;
+mod redis;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
@@ -26,8 +31,26 @@ pub enum Mode {
     Ping,
 }
 
+/// What is loaded: our cluster, or a peer a user might pick instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum System {
+    Sequencer,
+    /// get-id is a Put (its header.revision is the id); ping is Maintenance.Status.
+    Etcd,
+    /// get-id is INCR; ping is PING. One TCP connection per caller.
+    Redis,
+}
+
+/// One caller's way to the system under test.
+enum Conn {
+    Sequencer(Arc<Client>),
+    Etcd(Box<etcd::Conn>),
+    Redis(redis::Conn),
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
+    pub system: System,
     pub mode: Mode,
     pub concurrency: usize,
     pub duration: Duration,
@@ -63,6 +86,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     if opts.mode == Mode::GetIds && opts.count == 0 {
         bail!("--count must be at least 1");
+    }
+    if opts.system != System::Sequencer {
+        if !matches!(opts.mode, Mode::GetId | Mode::Ping) {
+            bail!("--system {:?} runs get-id and ping only", opts.system);
+        }
+        if opts.tls.is_some() {
+            bail!(
+                "--system {:?} is benchmarked in plaintext only",
+                opts.system
+            );
+        }
     }
     let clients = connect(&opts)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -105,17 +139,39 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         });
     }
 
+    // The key etcd puts to and Redis increments: fresh for each run.
+    let key = format!("bench-{}", std::process::id());
+    let etcd_channels = match opts.system {
+        System::Etcd => opts
+            .servers
+            .iter()
+            .map(|addr| {
+                (0..opts.connections)
+                    .map(|_| etcd::Conn::new(addr, &key, CALL_DEADLINE))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        _ => Vec::new(),
+    };
+    let mut conns = Vec::new();
+    for i in 0..opts.concurrency {
+        // Callers go round the servers, then round each server's connections.
+        let (server, connection) = (i % clients.len(), (i / clients.len()) % opts.connections);
+        conns.push(match opts.system {
+            System::Sequencer => Conn::Sequencer(clients[server][connection].clone()),
+            System::Etcd => Conn::Etcd(Box::new(etcd_channels[server][connection].clone())),
+            System::Redis => Conn::Redis(redis::Conn::connect(&opts.servers[server], &key).await?),
+        });
+    }
     let started = Instant::now();
     let mut callers = Vec::new();
-    for i in 0..opts.concurrency {
-        let server = &clients[i % clients.len()];
-        let client = server[(i / clients.len()) % server.len()].clone();
+    for (i, conn) in conns.into_iter().enumerate() {
         let me = identities.get(i).cloned();
         callers.push(tokio::spawn(caller(
             opts.mode,
             opts.count,
             opts.payload,
-            client,
+            conn,
             me,
             group.clone(),
             stop.clone(),
@@ -203,7 +259,7 @@ async fn caller(
     mode: Mode,
     count: u32,
     payload: usize,
-    client: Arc<Client>,
+    mut conn: Conn,
     me: Option<Identity>,
     group: String,
     stop: Arc<AtomicBool>,
@@ -218,20 +274,33 @@ async fn caller(
     let body = vec![b'x'; payload];
     while !stop.load(Ordering::Relaxed) {
         let start = Instant::now();
-        let res = match mode {
-            Mode::GetId => client.get_id("").await.map(|r| Some((r.id, 1))),
-            Mode::GetIds => client
-                .get_ids("", count)
-                .await
-                .map(|r| Some((r.first, u64::from(r.count)))),
-            Mode::Ping => client.ping().await.map(|_| None),
-            Mode::Send => match &me {
-                Some(me) => client
-                    .send(me, &group, seq, body.clone())
+        let res: Result<Option<(u64, u64)>, &'static str> = match &mut conn {
+            Conn::Sequencer(client) => match mode {
+                Mode::GetId => client.get_id("").await.map(|r| Some((r.id, 1))),
+                Mode::GetIds => client
+                    .get_ids("", count)
                     .await
-                    .map(|_| None),
-                None => return t,
-            },
+                    .map(|r| Some((r.first, u64::from(r.count)))),
+                Mode::Ping => client.ping().await.map(|_| None),
+                Mode::Send => match &me {
+                    Some(me) => client
+                        .send(me, &group, seq, body.clone())
+                        .await
+                        .map(|_| None),
+                    None => return t,
+                },
+            }
+            .map_err(|e| code_name(e.code())),
+            Conn::Etcd(etcd) => match mode {
+                Mode::Ping => etcd.ping().await.map(|_| None),
+                _ => etcd.put().await.map(|revision| Some((revision, 1))),
+            }
+            .map_err(|s| code_name(s.code())),
+            Conn::Redis(redis) => match mode {
+                Mode::Ping => redis.ping(CALL_DEADLINE).await.map(|_| None),
+                _ => redis.incr(CALL_DEADLINE).await.map(|n| Some((n, 1))),
+            }
+            .map_err(|e| e.name()),
         };
         let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         match res {
@@ -245,8 +314,8 @@ async fn caller(
                 seq += 1;
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                *t.errors.entry(code_name(e.code())).or_default() += 1;
+            Err(code) => {
+                *t.errors.entry(code).or_default() += 1;
                 failed.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -367,13 +436,16 @@ fn report(
         1
     };
     let q = |p: f64| latency.value_at_quantile(p);
-    let mode = clap::ValueEnum::to_possible_value(&opts.mode)
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default();
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map(|v| v.get_name().to_string()).unwrap_or_default()
+    };
+    let mode = name(clap::ValueEnum::to_possible_value(&opts.mode));
+    let system = name(clap::ValueEnum::to_possible_value(&opts.system));
     if opts.json {
         println!(
             "{}",
             json!({
+                "system": system,
                 "mode": mode,
                 "concurrency": opts.concurrency,
                 "connections": opts.connections,
@@ -394,7 +466,7 @@ fn report(
         return;
     }
     println!(
-        "{mode}: {} callers on {} server(s) for {secs:.1} s",
+        "{system} {mode}: {} callers on {} server(s) for {secs:.1} s",
         opts.concurrency,
         opts.servers.len()
     );
@@ -434,7 +506,42 @@ fn report(
 
 #[cfg(test)]
 mod tests {
-    use super::overlaps;
+    use super::*;
+
+    fn options(system: System, mode: Mode, server: String) -> Options {
+        Options {
+            system,
+            mode,
+            concurrency: 4,
+            duration: Duration::from_millis(300),
+            count: 1,
+            connections: 2,
+            payload: 0,
+            servers: vec![server],
+            tls: None,
+            json: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_runs_through_the_same_checks() {
+        let good = redis::tests::fake_redis(false).await;
+        run(options(System::Redis, Mode::GetId, good.clone()))
+            .await
+            .expect("unique INCR values pass");
+        run(options(System::Redis, Mode::Ping, good.clone()))
+            .await
+            .expect("ping");
+        let e = run(options(System::Redis, Mode::Send, good))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("get-id and ping only"), "{e}");
+        let repeating = redis::tests::fake_redis(true).await;
+        let e = run(options(System::Redis, Mode::GetId, repeating))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+    }
 
     #[test]
     fn overlapping_ranges_are_reported_and_adjacent_ones_are_not() {
