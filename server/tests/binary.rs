@@ -101,6 +101,23 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
             );
         }
     }
+    // The flag goes through the same checks as the key it overrides.
+    std::fs::write(&path, r#"{"servers": 1}"#).unwrap();
+    for args in [
+        vec!["--config", "config.json", "--worker-threads", "0"],
+        vec![
+            "--config",
+            "config.json",
+            "--node",
+            "1",
+            "--worker-threads",
+            "0",
+        ],
+    ] {
+        let (ok, stderr) = run_server(&args, dir.path());
+        assert!(!ok && stderr.contains("worker_threads"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
     let (ok, stderr) = run_server(&["--config", "missing.json"], dir.path());
     assert!(!ok && stderr.contains("missing.json"), "{stderr}");
     std::fs::write(&path, r#"{"servers": 3}"#).unwrap();
