@@ -404,17 +404,23 @@ async fn a_second_process_on_a_data_dir_refuses_naming_the_holder_and_files_are_
     assert_eq!(mode(&node_dir), 0o700);
     assert_eq!(mode(&node_dir.join("raft.redb")), 0o600);
     assert_eq!(mode(&node_dir.join("LOCK")), 0o600);
+    assert_eq!(mode(&node_dir.join("STORE")), 0o600);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncated_store_stops_the_node_at_start_with_one_line() {
+/// A one-node cluster that handed out ids and stopped cleanly, and the path of its store.
+async fn stopped_node_with_a_store() -> (Cluster, std::path::PathBuf) {
     let mut cluster = Cluster::builder(SERVER).nodes(1).start().unwrap();
     cluster.wait_for_primary().await.unwrap();
     cluster.client().get_ids("", 500).await.unwrap();
     let status = cluster.signal_and_wait(1, libc::SIGTERM).unwrap();
     assert!(status.success(), "node stopped with {status}");
-
     let store = cluster.dir().join("data").join("node-1").join("raft.redb");
+    (cluster, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_store_stops_the_node_at_start_with_one_line() {
+    let (cluster, store) = stopped_node_with_a_store().await;
     let len = std::fs::metadata(&store).unwrap().len();
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -432,4 +438,18 @@ async fn a_truncated_store_stops_the_node_at_start_with_one_line() {
     );
     // Refused, not reset: the file is left as it was found, for whoever investigates.
     assert_eq!(std::fs::metadata(&store).unwrap().len(), len / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_store_stops_the_node_at_start_rather_than_making_a_new_one() {
+    let (cluster, store) = stopped_node_with_a_store().await;
+    std::fs::remove_file(&store).unwrap();
+    let (ok, stderr) = run_server(&["--config", "config-1.json", "--node", "1"], cluster.dir());
+    assert!(!ok, "the node started without its store");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    assert!(
+        stderr.contains("missing") && stderr.contains(&store.display().to_string()),
+        "`{stderr}` does not name the lost file"
+    );
+    assert!(!store.exists(), "a new, empty store was made");
 }

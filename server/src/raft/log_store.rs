@@ -372,6 +372,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_store_that_went_missing_is_refused_and_stays_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("raft.redb");
+        {
+            let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+            let (log, _sm) = crate::raft::open_store(&data).unwrap();
+            log.write(|_| Ok(())).await.unwrap();
+        }
+        // A data dir from before the marker existed: opened as it is, and marked.
+        std::fs::remove_file(dir.path().join(crate::raft::STORE_MARKER)).unwrap();
+        let before = contents(dir.path()).await.unwrap();
+        assert!(dir.path().join(crate::raft::STORE_MARKER).exists());
+        assert_eq!(contents(dir.path()).await.unwrap(), before);
+
+        std::fs::remove_file(&store).unwrap();
+        for attempt in ["first", "second"] {
+            match contents(dir.path()).await {
+                Err(Error::Corrupt(msg)) => {
+                    assert!(msg.contains("raft.redb"), "{attempt}: {msg}")
+                }
+                other => panic!("{attempt} start after the loss: {:?}", other.map(|_| ())),
+            }
+            assert!(!store.exists(), "{attempt}: a new empty store was made");
+        }
+    }
+
+    #[tokio::test]
     async fn a_flipped_or_truncated_store_is_refused_or_reads_exactly_as_written() {
         use crate::state::{AllocRequest, Command};
         let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,11 @@ pub type LogId = openraft::LogId<NodeId>;
 /// Left in a data dir whose store was refused at start, so that later starts refuse it too.
 pub const DAMAGED: &str = "DAMAGED";
 
+/// Kept next to `raft.redb` once the store exists. A start that finds it without the store
+/// knows the store was lost (deleted, or the disk under it replaced), not never made: a node
+/// that forgot its vote could vote twice in one term.
+pub const STORE_MARKER: &str = "STORE";
+
 /// Opens (or creates) the node's redb file in its locked data dir and returns its log store
 /// and state machine.
 pub fn open_store(
@@ -78,6 +83,14 @@ pub fn open_store(
     if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
         return Err(corrupt("is empty".into()));
     }
+    let store_marker = dir.path().join(STORE_MARKER);
+    let made_before = store_marker.exists();
+    if made_before && !path.exists() {
+        return Err(corrupt(format!(
+            "is missing, though {} says this node kept its store here (its vote and log are gone)",
+            store_marker.display()
+        )));
+    }
     let opened = std::panic::catch_unwind(|| {
         let mut db = redb::Database::create(&path).map_err(|e| e.to_string())?;
         match db.check_integrity() {
@@ -94,10 +107,25 @@ pub fn open_store(
         Err(_) => return Err(corrupt("redb could not read it (it panicked)".into())),
     };
     dir.protect("raft.redb")?;
+    if !made_before {
+        mark_store(dir.path(), &store_marker)?;
+        dir.protect(STORE_MARKER)?;
+    }
     let db = Arc::new(db);
     let log = log_store::LogStore::open(db.clone())?;
     let sm = state_machine::StateMachine::open(db)?;
     Ok((log, sm))
+}
+
+/// Writes the store marker durably, with the directory entries of it and of the store.
+fn mark_store(dir: &std::path::Path, marker: &std::path::Path) -> Result<(), Error> {
+    use std::io::Write;
+    let io = |e: std::io::Error| Error::Internal(format!("writing {}: {e}", marker.display()));
+    let mut file = std::fs::File::create(marker).map_err(io)?;
+    file.write_all(b"raft.redb was created in this dir; a start without it is refused\n")
+        .and_then(|_| file.sync_all())
+        .and_then(|_| std::fs::File::open(dir)?.sync_all())
+        .map_err(io)
 }
 
 /// openraft's settings, from ours.
