@@ -128,7 +128,7 @@ for other in $OTHERS; do
             cluster="" servers=()
             for ((i = 0; i < n; i++)); do cluster+="e$i=http://127.0.0.1:${ports[2*i+1]},"; done
             for ((i = 0; i < n; i++)); do
-                etcd --name "e$i" --data-dir "$work/etcd/e$i" --log-level error \
+                etcd --name "e$i" --data-dir "$work/etcd/e$i" --logger zap --log-level error \
                     --listen-client-urls "http://127.0.0.1:${ports[2*i]}" \
                     --advertise-client-urls "http://127.0.0.1:${ports[2*i]}" \
                     --listen-peer-urls "http://127.0.0.1:${ports[2*i+1]}" \

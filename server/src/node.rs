@@ -93,6 +93,7 @@ pub async fn run(
     let proposer = Proposer::new(
         id,
         raft.clone(),
+        reader.clone(),
         peers.clone(),
         config.request_timeout,
         Duration::from_millis(config.election_timeout_max_ms),

@@ -12,6 +12,7 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::error::Error;
 use crate::peer::{PeerClients, PeerError, PeerRpc};
+use crate::raft::state_machine::StateReader;
 use crate::raft::{NodeId, Raft};
 use crate::state::{Command, Reply};
 
@@ -52,6 +53,8 @@ enum Attempt {
 pub struct Proposer {
     id: NodeId,
     raft: Raft,
+    /// This node's applied state, to wait for an index to be applied here.
+    state: StateReader,
     peers: PeerClients,
     timeout: Duration,
     /// Longest wait for one forward: a primary silent for an election timeout may be gone, so
@@ -63,6 +66,7 @@ impl Proposer {
     pub fn new(
         id: NodeId,
         raft: Raft,
+        state: StateReader,
         peers: PeerClients,
         timeout: Duration,
         forward_cap: Duration,
@@ -70,6 +74,7 @@ impl Proposer {
         Self {
             id,
             raft,
+            state,
             peers,
             timeout,
             forward_cap,
@@ -198,19 +203,20 @@ impl Proposer {
 
     /// Waits until this node has applied `index`, so its reply matches its own state.
     pub async fn wait_applied(&self, index: u64) -> Result<(), Error> {
-        self.raft
-            .wait(Some(self.timeout))
-            .applied_index_at_least(Some(index), "reply after local apply")
+        if tokio::time::timeout(self.timeout, self.state.applied(index))
             .await
-            .map(|_| ())
-            .map_err(|e| match e {
-                openraft::metrics::WaitError::ShuttingDown => Error::ShuttingDown,
-                openraft::metrics::WaitError::Timeout(..) => Error::Unavailable(format!(
-                    "node {} has not applied log index {index} within {} ms",
-                    self.id,
-                    self.timeout.as_millis()
-                )),
-            })
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if self.raft.metrics().borrow().running_state.is_err() {
+            return Err(Error::ShuttingDown);
+        }
+        Err(Error::Unavailable(format!(
+            "node {} has not applied log index {index} within {} ms",
+            self.id,
+            self.timeout.as_millis()
+        )))
     }
 
     /// Resolves once this node sees a primary other than `from`, naming it. A call in flight
