@@ -211,6 +211,7 @@ pub async fn run(
                 proposer,
                 liveness,
                 election,
+                stop_peers_rx.clone(),
             ))
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT),

@@ -28,7 +28,7 @@ const PUBLIC: &[&str] = &[
 ];
 
 const PEER: &[&str] = &[
-    "/sequencer.peer.v1.Peer/AppendEntries",
+    "/sequencer.peer.v1.Peer/AppendEntriesStream",
     "/sequencer.peer.v1.Peer/Vote",
     "/sequencer.peer.v1.Peer/InstallSnapshot",
     "/sequencer.peer.v1.Peer/Propose",

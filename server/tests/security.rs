@@ -76,9 +76,10 @@ async fn peer_rpcs_without_the_cluster_secret_are_refused_and_change_nothing() {
         for secret in [None, Some("not-the-cluster-secret-at-all")] {
             refused("Propose", peer.propose(message(&allocate, secret)).await);
             refused("Vote", peer.vote(message(&vote, secret)).await);
+            let append = message(&append, secret).map(|m| tokio_stream::iter(vec![m]));
             refused(
-                "AppendEntries",
-                peer.append_entries(message(&append, secret)).await,
+                "AppendEntriesStream",
+                peer.append_entries_stream(append).await,
             );
             refused(
                 "InstallSnapshot",

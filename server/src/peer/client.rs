@@ -7,7 +7,10 @@ use sequencer_proto::peer::peer_client::PeerClient as GrpcPeerClient;
 use sequencer_proto::peer::{PingRequest, RaftMessage};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use tonic::Streaming;
 
 use super::auth::SecretHeader;
 use super::PEER_MESSAGE_LIMIT;
@@ -19,7 +22,6 @@ use crate::tls::TlsMaterial;
 /// Which peer RPC to call.
 #[derive(Debug, Clone, Copy)]
 pub enum PeerRpc {
-    AppendEntries,
     Vote,
     InstallSnapshot,
     Propose,
@@ -63,7 +65,6 @@ impl PeerClient {
         self.secret.stamp(request.metadata_mut());
         let mut grpc = self.grpc.clone();
         let res = match rpc {
-            PeerRpc::AppendEntries => grpc.append_entries(request).await,
             PeerRpc::Vote => grpc.vote(request).await,
             PeerRpc::InstallSnapshot => grpc.install_snapshot(request).await,
             PeerRpc::Propose => grpc.propose(request).await,
@@ -84,6 +85,14 @@ impl PeerClient {
         Ok(NodeId::from(resp.into_inner().node_id))
     }
 
+    /// A stream of AppendEntries to this peer, opened on its first message.
+    pub fn append_stream(&self) -> AppendStream {
+        AppendStream {
+            client: self.clone(),
+            open: None,
+        }
+    }
+
     fn status_error(&self, s: tonic::Status) -> PeerError {
         match s.code() {
             // tonic reports connect failures as UNAVAILABLE and a connection reset mid-call (a
@@ -95,6 +104,68 @@ impl PeerClient {
                 PeerError::Unreachable(self.target, s.message().to_string())
             }
             _ => PeerError::Status(self.target, s),
+        }
+    }
+}
+
+/// AppendEntries over one long-lived stream, one message in flight: each answer is the next
+/// message back. After any failure or timeout the stream is dropped, so a late answer can
+/// never be taken for the next one, and the next call opens a fresh stream.
+pub struct AppendStream {
+    client: PeerClient,
+    open: Option<(mpsc::Sender<RaftMessage>, Streaming<RaftMessage>)>,
+}
+
+impl AppendStream {
+    /// Sends `req` and waits at most `timeout` for its answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let target = self.client.target;
+        let data = encode(req).map_err(|e| PeerError::Codec(target, e.to_string()))?;
+        let res = match tokio::time::timeout(timeout, self.exchange(data)).await {
+            Ok(res) => res,
+            Err(_) => Err(PeerError::Unreachable(
+                target,
+                format!("no answer within {} ms", timeout.as_millis()),
+            )),
+        };
+        if res.is_err() {
+            self.open = None;
+        }
+        decode(&res?).map_err(|e| PeerError::Codec(target, e.to_string()))
+    }
+
+    async fn exchange(&mut self, data: Vec<u8>) -> Result<Vec<u8>, PeerError> {
+        let target = self.client.target;
+        let closed = || PeerError::Unreachable(target, "append stream closed".into());
+        let msg = RaftMessage { data };
+        let answers = match self.open.as_mut() {
+            Some((tx, answers)) => {
+                tx.send(msg).await.map_err(|_| closed())?;
+                answers
+            }
+            None => {
+                // Room for the one message in flight, queued before the stream opens.
+                let (tx, rx) = mpsc::channel(1);
+                tx.try_send(msg).map_err(|_| closed())?;
+                let mut request = tonic::Request::new(ReceiverStream::new(rx));
+                self.client.secret.stamp(request.metadata_mut());
+                let mut grpc = self.client.grpc.clone();
+                let answers = grpc
+                    .append_entries_stream(request)
+                    .await
+                    .map_err(|s| self.client.status_error(s))?
+                    .into_inner();
+                &mut self.open.insert((tx, answers)).1
+            }
+        };
+        match answers.message().await {
+            Ok(Some(msg)) => Ok(msg.data),
+            Ok(None) => Err(closed()),
+            Err(s) => Err(self.client.status_error(s)),
         }
     }
 }
@@ -138,5 +209,132 @@ impl PeerClients {
     /// The client for `id`, if it is a peer of this node.
     pub fn get(&self, id: NodeId) -> Option<&PeerClient> {
         self.clients.get(&id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use futures::Stream;
+    use sequencer_proto::peer::peer_server::{Peer, PeerServer};
+    use sequencer_proto::peer::PingResponse;
+    use tokio::sync::Notify;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// Answers each streamed string with itself; holds "hold" back until released. Stands in
+    /// for a peer only to test this transport; the real peer is in every cluster test.
+    #[derive(Clone, Default)]
+    struct Echo {
+        streams: Arc<AtomicUsize>,
+        release: Arc<Notify>,
+    }
+
+    type Answers = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Peer for Echo {
+        type AppendEntriesStreamStream = Answers;
+
+        async fn append_entries_stream(
+            &self,
+            req: Request<Streaming<RaftMessage>>,
+        ) -> Result<Response<Answers>, Status> {
+            self.streams.fetch_add(1, Ordering::SeqCst);
+            let state = (req.into_inner(), self.release.clone());
+            let answers = futures::stream::unfold(state, |(mut incoming, release)| async move {
+                let msg = incoming.message().await.ok().flatten()?;
+                if decode::<String>(&msg.data).ok()? == "hold" {
+                    release.notified().await;
+                }
+                Some((Ok(msg), (incoming, release)))
+            });
+            Ok(Response::new(Box::pin(answers)))
+        }
+        async fn vote(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<RaftMessage>,
+        ) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn propose(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn heartbeat(
+            &self,
+            _: Request<RaftMessage>,
+        ) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn read_index(
+            &self,
+            _: Request<RaftMessage>,
+        ) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+    }
+
+    async fn serve(echo: Echo) -> PeerClient {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(echo))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        PeerClient {
+            target: 2,
+            grpc: GrpcPeerClient::new(channel),
+            secret: SecretHeader::new(None).unwrap(),
+        }
+    }
+
+    const PATIENT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn appends_share_one_stream_and_each_gets_its_own_answer() {
+        let echo = Echo::default();
+        let mut stream = serve(echo.clone()).await.append_stream();
+        for word in ["a", "b", "c"] {
+            let answer: String = stream.call(&word, PATIENT).await.unwrap();
+            assert_eq!(answer, word);
+        }
+        assert_eq!(
+            echo.streams.load(Ordering::SeqCst),
+            1,
+            "one stream for every call"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_answer_is_never_taken_for_the_next_call() {
+        let echo = Echo::default();
+        let mut stream = serve(echo.clone()).await.append_stream();
+        let held = stream
+            .call::<_, String>(&"hold", Duration::from_millis(100))
+            .await;
+        assert!(matches!(held, Err(PeerError::Unreachable(..))), "{held:?}");
+        // The old stream may now deliver "hold"; the next call must not see it.
+        echo.release.notify_one();
+        let answer: String = stream.call(&"next", PATIENT).await.unwrap();
+        assert_eq!(answer, "next");
+        assert_eq!(
+            echo.streams.load(Ordering::SeqCst),
+            2,
+            "a fresh stream after the timeout"
+        );
     }
 }

@@ -8,7 +8,7 @@ mod service;
 
 pub use auth::{RequireSecret, SECRET_HEADER};
 
-pub use client::{PeerClient, PeerClients, PeerError, PeerRpc};
+pub use client::{AppendStream, PeerClient, PeerClients, PeerError, PeerRpc};
 pub use service::PeerService;
 
 /// Largest peer message, both ways: a batch of log entries or a snapshot chunk, with room.

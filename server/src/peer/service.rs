@@ -5,7 +5,11 @@ use sequencer_proto::peer::peer_server::Peer;
 use sequencer_proto::peer::{PingRequest, PingResponse, RaftMessage};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::{Request, Response, Status};
+use std::pin::Pin;
+
+use futures::Stream;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::liveness::{HeartbeatMsg, Liveness};
 use crate::proposer::Proposer;
@@ -21,6 +25,9 @@ pub struct PeerService {
     proposer: Proposer,
     liveness: Liveness,
     election: Election,
+    /// Turns true when the peer listener stops: open streams end then, or a graceful stop
+    /// would wait for them forever.
+    stopping: watch::Receiver<bool>,
 }
 
 impl PeerService {
@@ -30,6 +37,7 @@ impl PeerService {
         proposer: Proposer,
         liveness: Liveness,
         election: Election,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             id,
@@ -37,6 +45,7 @@ impl PeerService {
             proposer,
             liveness,
             election,
+            stopping,
         }
     }
 }
@@ -51,15 +60,48 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
     Ok(Response::new(RaftMessage { data }))
 }
 
+/// Hands one AppendEntries to Raft and encodes its answer.
+async fn append_entries(raft: &Raft, election: &Election, data: &[u8]) -> Result<Vec<u8>, Status> {
+    let req: AppendEntriesRequest<TypeConfig> = decode(data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))?;
+    let _leader = election.leader_message(req.vote.leader_id().term);
+    let resp = raft.append_entries(req).await;
+    encode(&resp).map_err(|e| Status::internal(format!("encoding reply: {e}")))
+}
+
+type RaftMessageStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn append_entries(
+    type AppendEntriesStreamStream = RaftMessageStream;
+
+    async fn append_entries_stream(
         &self,
-        req: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
-        let req: AppendEntriesRequest<TypeConfig> = parse(req)?;
-        let _leader = self.election.leader_message(req.vote.leader_id().term);
-        reply(&self.raft.append_entries(req).await)
+        req: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        // One message at a time, in order: each answer follows its request on the stream.
+        let state = (
+            req.into_inner(),
+            self.raft.clone(),
+            self.election.clone(),
+            self.stopping.clone(),
+        );
+        let answers = futures::stream::unfold(state, |state| async move {
+            let (mut incoming, raft, election, mut stopping) = state;
+            let next = tokio::select! {
+                next = incoming.message() => next,
+                _ = stopping.wait_for(|s| *s) => return None,
+            };
+            let answer = match next {
+                Ok(Some(msg)) => append_entries(&raft, &election, &msg.data)
+                    .await
+                    .map(|data| RaftMessage { data }),
+                Ok(None) => return None,
+                Err(status) => Err(status),
+            };
+            Some((answer, (incoming, raft, election, stopping)))
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{NodeId, TypeConfig};
-use crate::peer::{PeerClient, PeerClients, PeerError, PeerRpc};
+use crate::peer::{AppendStream, PeerClient, PeerClients, PeerError, PeerRpc};
 
 /// Hands openraft a connection per target, all sharing the peer channels.
 pub struct Network {
@@ -30,15 +30,19 @@ impl Network {
 pub struct Connection {
     target: NodeId,
     client: Option<PeerClient>,
+    /// AppendEntries go over a stream; openraft sends them one at a time per connection.
+    appends: Option<AppendStream>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
+        let client = self.peers.get(target).cloned();
         Connection {
             target,
-            client: self.peers.get(target).cloned(),
+            appends: client.as_ref().map(PeerClient::append_stream),
+            client,
         }
     }
 }
@@ -56,17 +60,26 @@ impl Connection {
         E: std::error::Error + DeserializeOwned,
     {
         let Some(client) = &self.client else {
-            let e = std::io::Error::other(format!("node {} is not in the config", self.target));
-            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            return Err(self.not_in_config());
         };
-        // The peer returns openraft's own Result, so remote Raft errors survive the trip.
-        let res: Result<Resp, RaftError<NodeId, E>> = client
-            .call(rpc, req, option.hard_ttl())
-            .await
-            .map_err(|e| match e {
-                PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
-                _ => RPCError::Network(NetworkError::new(&e)),
-            })?;
+        let res = client.call(rpc, req, option.hard_ttl()).await;
+        self.answer(res)
+    }
+
+    fn not_in_config<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
+        let e = std::io::Error::other(format!("node {} is not in the config", self.target));
+        RPCError::Unreachable(Unreachable::new(&e))
+    }
+
+    /// The peer returns openraft's own Result, so remote Raft errors survive the trip.
+    fn answer<Resp, E: std::error::Error>(
+        &self,
+        res: Result<Result<Resp, RaftError<NodeId, E>>, PeerError>,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
+        let res = res.map_err(|e| match e {
+            PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+            _ => RPCError::Network(NetworkError::new(&e)),
+        })?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -77,7 +90,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(PeerRpc::AppendEntries, &req, &option).await
+        let Some(appends) = self.appends.as_mut() else {
+            return Err(self.not_in_config());
+        };
+        let res = appends.call(&req, option.hard_ttl()).await;
+        self.answer(res)
     }
 
     async fn install_snapshot(
