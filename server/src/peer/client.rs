@@ -214,17 +214,16 @@ impl PeerClients {
 
 #[cfg(test)]
 mod tests {
-    use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use futures::Stream;
     use sequencer_proto::peer::peer_server::{Peer, PeerServer};
     use sequencer_proto::peer::PingResponse;
     use tokio::sync::Notify;
     use tonic::{Request, Response, Status};
 
     use super::*;
+    use crate::peer::service::RaftMessageStream as Answers;
 
     /// Answers each streamed string with itself; holds "hold" back until released. Stands in
     /// for a peer only to test this transport; the real peer is in every cluster test.
@@ -233,8 +232,6 @@ mod tests {
         streams: Arc<AtomicUsize>,
         release: Arc<Notify>,
     }
-
-    type Answers = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
 
     #[tonic::async_trait]
     impl Peer for Echo {

@@ -69,7 +69,8 @@ async fn append_entries(raft: &Raft, election: &Election, data: &[u8]) -> Result
     encode(&resp).map_err(|e| Status::internal(format!("encoding reply: {e}")))
 }
 
-type RaftMessageStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
+/// The answers on a peer stream.
+pub(super) type RaftMessageStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Peer for PeerService {
