@@ -2,17 +2,19 @@
 //!
 //! Every write commits a redb transaction with `Durability::Immediate` (fsync) before it is
 //! reported done: openraft counts an append as persisted, and a vote as cast, only then.
-//! redb calls block, so they run on the blocking pool.
+//! redb calls block, so they run on the blocking pool. The newest entries also stay in memory
+//! after their append, since replication and apply read each one back at once.
 //!
 //! The log is never purged past the snapshot stored in the same database. openraft 0.9 issues
 //! the purge that follows a snapshot install without waiting for the state machine to finish
 //! installing it; a crash in between left a purged log and no snapshot, and openraft then
 //! refuses to start. So a purge waits for the stored snapshot to cover it.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -29,6 +31,79 @@ const VOTE: &str = "vote";
 const LAST_PURGED: &str = "last_purged";
 /// How long a purge waits for the state machine to store the snapshot that covers it.
 const PURGE_WAIT_LIMIT: Duration = Duration::from_secs(60);
+/// Most entries, and most encoded bytes, kept in memory after their append.
+const RECENT_ENTRIES: usize = 1024;
+const RECENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// The newest entries, as last appended: every entry is read back right after its append, to
+/// replicate and to apply, and this spares each read a redb transaction and a decode.
+/// Contiguous, and when not empty it ends at the last entry of the log.
+#[derive(Default)]
+struct Recent {
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
+        if let Some((last, _)) = self.entries.back() {
+            if last.log_id.index + 1 != entry.log_id.index {
+                self.clear();
+            }
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops every entry from `index` on.
+    fn truncate(&mut self, index: u64) {
+        while matches!(self.entries.back(), Some((e, _)) if e.log_id.index >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops every entry up to `index`.
+    fn purge(&mut self, index: u64) {
+        while matches!(self.entries.front(), Some((e, _)) if e.log_id.index <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// The entries `first..=last`, if all of them are here.
+    fn get(&self, first: u64, last: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let (front, _) = self.entries.front()?;
+        let (back, _) = self.entries.back()?;
+        if first > last || first < front.log_id.index || last > back.log_id.index {
+            return None;
+        }
+        let skip = (first - front.log_id.index) as usize;
+        let take = (last - first + 1) as usize;
+        Some(
+            self.entries
+                .iter()
+                .skip(skip)
+                .take(take)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
 
 /// The log store. Clones share the database.
 #[derive(Clone)]
@@ -38,6 +113,7 @@ pub struct LogStore {
     committed: Arc<AtomicU64>,
     /// Off only for openraft's storage suite, which purges with no snapshot at all.
     purge_waits_for_snapshot: bool,
+    recent: Arc<Mutex<Recent>>,
 }
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
@@ -52,6 +128,7 @@ impl LogStore {
             db,
             committed: Arc::new(AtomicU64::new(0)),
             purge_waits_for_snapshot: true,
+            recent: Arc::default(),
         })
     }
 
@@ -97,6 +174,10 @@ impl LogStore {
         }
     }
 
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A handle that reads the commit index this store last saw.
     pub fn commit_index(&self) -> CommitIndex {
         CommitIndex(self.committed.clone())
@@ -125,6 +206,34 @@ impl LogStore {
         })
         .await
         .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?
+    }
+
+    /// Writes `entries` in one durable transaction, then keeps them in memory.
+    async fn append_durably(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+    ) -> Result<(), redb::Error> {
+        let mut rows = Vec::new();
+        let mut appended = Vec::new();
+        for entry in entries {
+            let index = entry.log_id.index;
+            let bytes = encode(&entry).map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+            appended.push((entry, bytes.len()));
+            rows.push((index, bytes));
+        }
+        self.write(move |txn| {
+            let mut table = txn.open_table(LOGS)?;
+            for (index, bytes) in &rows {
+                table.insert(*index, bytes.as_slice())?;
+            }
+            Ok(())
+        })
+        .await?;
+        let mut recent = self.recent();
+        for (entry, size) in appended {
+            recent.push(entry, size);
+        }
+        Ok(())
     }
 }
 
@@ -168,6 +277,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&n) => Bound::Excluded(n),
             Bound::Unbounded => Bound::Unbounded,
         };
+        let first = match start {
+            Bound::Included(n) => Some(n),
+            Bound::Excluded(n) => n.checked_add(1),
+            Bound::Unbounded => Some(0),
+        };
+        let last = match end {
+            Bound::Included(n) => Some(n),
+            Bound::Excluded(n) => n.checked_sub(1),
+            Bound::Unbounded => None,
+        };
+        if let (Some(first), Some(last)) = (first, last) {
+            if let Some(entries) = self.recent().get(first, last) {
+                return Ok(entries);
+            }
+        }
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(LOGS).map_err(read_err)?;
         let mut entries = Vec::new();
@@ -229,21 +353,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut rows = Vec::new();
-        for entry in entries {
-            rows.push((entry.log_id.index, encode(&entry).map_err(write_err)?));
-        }
-        let res = self
-            .write(move |txn| {
-                let mut table = txn.open_table(LOGS)?;
-                for (index, bytes) in &rows {
-                    table.insert(*index, bytes.as_slice())?;
-                }
-                Ok(())
-            })
-            .await;
-        // Only now, with the transaction fsynced, is the append durable.
-        match res {
+        // Only once the transaction is fsynced is the append durable.
+        match self.append_durably(entries).await {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -257,6 +368,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> StResult<()> {
         tracing::debug!(from = log_id.index, "truncating log");
+        // Forget them first: a failed truncate must not leave them readable from memory.
+        self.recent().truncate(log_id.index);
         self.write(move |txn| {
             let mut table = txn.open_table(LOGS)?;
             table.retain_in::<u64, _>(log_id.index.., |_, _| false)?;
@@ -271,6 +384,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.wait_for_snapshot_covering(log_id).await?;
         }
         tracing::debug!(upto = log_id.index, "purging log");
+        self.recent().purge(log_id.index);
         let bytes = encode(&log_id).map_err(write_err)?;
         self.write(move |txn| {
             txn.open_table(META)?
@@ -369,6 +483,59 @@ mod tests {
             String::from_utf8_lossy(&encode(&entries).unwrap_or_default()),
             String::from_utf8_lossy(&encode(&snapshot).unwrap_or_default()),
         ))
+    }
+
+    #[tokio::test]
+    async fn reads_give_the_entries_last_written_whether_from_memory_or_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (log, _sm) = crate::raft::open_store(&data).unwrap();
+        let mut log = log.without_purge_guard();
+        let entry = |term, index| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        };
+        let read = |log: &mut LogStore, range: std::ops::RangeInclusive<u64>| {
+            let mut log = log.clone();
+            async move {
+                let entries = log.try_get_log_entries(range).await.unwrap();
+                entries.iter().map(|e| e.log_id).collect::<Vec<_>>()
+            }
+        };
+        let ids = |term, range: std::ops::RangeInclusive<u64>| {
+            range
+                .map(|i| LogId::new(CommittedLeaderId::new(term, 1), i))
+                .collect::<Vec<_>>()
+        };
+
+        log.append_durably((1..=5).map(|i| entry(1, i)))
+            .await
+            .unwrap();
+        assert_eq!(read(&mut log, 1..=5).await, ids(1, 1..=5));
+        assert_eq!(read(&mut log, 3..=4).await, ids(1, 3..=4));
+
+        // A follower's conflicting tail goes, from memory too.
+        log.truncate(entry(1, 4).log_id).await.unwrap();
+        assert_eq!(read(&mut log, 1..=5).await, ids(1, 1..=3));
+        log.append_durably((4..=6).map(|i| entry(2, i)))
+            .await
+            .unwrap();
+        let mut expected = ids(1, 1..=3);
+        expected.extend(ids(2, 4..=6));
+        assert_eq!(read(&mut log, 1..=6).await, expected);
+        assert_eq!(read(&mut log, 4..=6).await, ids(2, 4..=6));
+
+        // Purged entries are gone, from memory too.
+        log.purge(entry(1, 2).log_id).await.unwrap();
+        assert_eq!(read(&mut log, 1..=6).await, expected[2..].to_vec());
+        assert_eq!(read(&mut log, 3..=6).await, expected[2..].to_vec());
+
+        // What was written is what a restart reads.
+        drop((log, _sm));
+        drop(data);
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (mut log, _sm) = crate::raft::open_store(&data).unwrap();
+        assert_eq!(read(&mut log, 3..=6).await, expected[2..].to_vec());
     }
 
     #[tokio::test]
