@@ -238,14 +238,22 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
-        // Copy under the lock, encode and write outside it, so applying is not held up.
-        let applied = self
-            .inner
-            .applied
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let data = encode(&applied.state).map_err(|e| StorageIOError::read_state_machine(&e))?;
+        // Copy under the lock, encode and write outside it, so applying is not held up. Both
+        // take CPU in proportion to the state, so they run off the async workers (a node may
+        // have only one).
+        let inner = self.inner.clone();
+        let (applied, data) = tokio::task::spawn_blocking(move || {
+            let applied = inner
+                .applied
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let data = encode(&applied.state);
+            (applied, data)
+        })
+        .await
+        .map_err(|e| StorageIOError::read_state_machine(&e))?;
+        let data = data.map_err(|e| StorageIOError::read_state_machine(&e))?;
         let n = self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot_id = match applied.last_applied {
             Some(l) => format!("{}-{}-{n}", l.leader_id.term, l.index),
@@ -338,8 +346,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StResult<()> {
         let data = snapshot.into_inner();
-        let state: State =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let (state, data) = tokio::task::spawn_blocking(move || (decode::<State>(&data), data))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let state = state.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.save_snapshot(StoredSnapshot {
             meta: meta.clone(),
             data,
