@@ -51,8 +51,11 @@ impl PeerService {
 }
 
 fn parse<T: DeserializeOwned>(req: Request<RaftMessage>) -> Result<T, Status> {
-    decode(&req.into_inner().data)
-        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
+    parse_bytes(&req.into_inner().data)
+}
+
+fn parse_bytes<T: DeserializeOwned>(data: &[u8]) -> Result<T, Status> {
+    decode(data).map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
 }
 
 fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
@@ -62,8 +65,7 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
 
 /// Hands one AppendEntries to Raft and encodes its answer.
 async fn append_entries(raft: &Raft, election: &Election, data: &[u8]) -> Result<Vec<u8>, Status> {
-    let req: AppendEntriesRequest<TypeConfig> = decode(data)
-        .map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))?;
+    let req: AppendEntriesRequest<TypeConfig> = parse_bytes(data)?;
     let _leader = election.leader_message(req.vote.leader_id().term);
     let resp = raft.append_entries(req).await;
     encode(&resp).map_err(|e| Status::internal(format!("encoding reply: {e}")))
