@@ -5,10 +5,10 @@
 //! redb calls block, so they run on the blocking pool. The newest entries also stay in memory
 //! after their append, since replication and apply read each one back at once.
 //!
-//! The log is never purged past the snapshot stored in the same database. openraft 0.9 issues
-//! the purge that follows a snapshot install without waiting for the state machine to finish
-//! installing it; a crash in between left a purged log and no snapshot, and openraft then
-//! refuses to start. So a purge waits for the stored snapshot to cover it.
+//! The log is never purged past the stored snapshot (in `snapshot.redb`, next to the log's
+//! file). openraft 0.9 issues the purge that follows a snapshot install without waiting for the
+//! state machine to finish installing it; a crash in between left a purged log and no snapshot,
+//! and openraft then refuses to start. So a purge waits for the stored snapshot to cover it.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -109,6 +109,8 @@ impl Recent {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Where the state machine stores its snapshot; read only, by the purge guard.
+    snapshots: Arc<Database>,
     /// Last committed index + 1 (0: none), as openraft last told us; for Cluster.Status.
     committed: Arc<AtomicU64>,
     /// Off only for openraft's storage suite, which purges with no snapshot at all.
@@ -119,13 +121,14 @@ pub struct LogStore {
 type StResult<T> = Result<T, StorageError<NodeId>>;
 
 impl LogStore {
-    pub(super) fn open(db: Arc<Database>) -> Result<Self, Error> {
+    pub(super) fn open(db: Arc<Database>, snapshots: Arc<Database>) -> Result<Self, Error> {
         let txn = db.begin_write().map_err(internal)?;
         txn.open_table(LOGS).map_err(internal)?;
         txn.open_table(META).map_err(internal)?;
         txn.commit().map_err(internal)?;
         Ok(Self {
             db,
+            snapshots,
             committed: Arc::new(AtomicU64::new(0)),
             purge_waits_for_snapshot: true,
             recent: Arc::default(),
@@ -144,7 +147,7 @@ impl LogStore {
         let start = Instant::now();
         let mut warned = false;
         loop {
-            let db = self.db.clone();
+            let db = self.snapshots.clone();
             let stored = tokio::task::spawn_blocking(move || {
                 super::state_machine::stored_snapshot_last(&db)
             })
@@ -172,6 +175,12 @@ impl LogStore {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The last purged log id, as stored.
+    pub(super) fn last_purged(&self) -> Result<Option<LogId>, Error> {
+        self.read_meta(LAST_PURGED)
+            .map_err(|e| Error::Internal(format!("log store: {e}")))
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
@@ -489,8 +498,7 @@ mod tests {
     async fn reads_give_the_entries_last_written_whether_from_memory_or_disk() {
         let dir = tempfile::tempdir().unwrap();
         let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
-        let (log, _sm) = crate::raft::open_store(&data).unwrap();
-        let mut log = log.without_purge_guard();
+        let (mut log, mut sm) = crate::raft::open_store(&data).unwrap();
         let entry = |term, index| Entry::<TypeConfig> {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
             payload: EntryPayload::Blank,
@@ -526,12 +534,13 @@ mod tests {
         assert_eq!(read(&mut log, 4..=6).await, ids(2, 4..=6));
 
         // Purged entries are gone, from memory too.
+        install_snapshot_upto(&mut sm, 2).await;
         log.purge(entry(1, 2).log_id).await.unwrap();
         assert_eq!(read(&mut log, 1..=6).await, expected[2..].to_vec());
         assert_eq!(read(&mut log, 3..=6).await, expected[2..].to_vec());
 
         // What was written is what a restart reads.
-        drop((log, _sm));
+        drop((log, sm));
         drop(data);
         let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
         let (mut log, _sm) = crate::raft::open_store(&data).unwrap();
@@ -589,36 +598,45 @@ mod tests {
             install_snapshot_upto(&mut sm, 100).await;
         }
         let original = contents(dir.path()).await.unwrap();
-        let file = std::fs::read(dir.path().join("raft.redb")).unwrap();
+        let files = [crate::raft::LOG_FILE, crate::raft::SNAPSHOT_FILE]
+            .map(|name| (name, std::fs::read(dir.path().join(name)).unwrap()));
 
-        let (mut refused, mut intact) = (0, 0);
-        let mut cases: Vec<(Vec<u8>, String, bool)> = Vec::new();
-        for page in (0..file.len()).step_by(4096) {
-            for inner in [40, 2100] {
-                let at = page + inner;
-                if at + 4 > file.len() {
-                    continue;
+        let mut refused = std::collections::HashMap::<&str, usize>::new();
+        let mut intact = 0;
+        // (file to damage, its damaged bytes, what was done, must it be refused)
+        let mut cases: Vec<(&str, Vec<u8>, String, bool)> = Vec::new();
+        for (name, file) in &files {
+            for page in (0..file.len()).step_by(4096) {
+                for inner in [40, 2100] {
+                    let at = page + inner;
+                    if at + 4 > file.len() {
+                        continue;
+                    }
+                    let mut bytes = file.clone();
+                    for b in &mut bytes[at..at + 4] {
+                        *b ^= 0x5a;
+                    }
+                    cases.push((name, bytes, format!("{name}: bytes flipped at {at}"), false));
                 }
-                let mut bytes = file.clone();
-                for b in &mut bytes[at..at + 4] {
-                    *b ^= 0x5a;
-                }
-                cases.push((bytes, format!("bytes flipped at {at}"), false));
+            }
+            for len in [0, 100, 4096, file.len() / 2, file.len() - 1] {
+                cases.push((
+                    name,
+                    file[..len].to_vec(),
+                    format!("{name}: truncated to {len} bytes"),
+                    true,
+                ));
             }
         }
-        for len in [0, 100, 4096, file.len() / 2, file.len() - 1] {
-            cases.push((
-                file[..len].to_vec(),
-                format!("truncated to {len} bytes"),
-                true,
-            ));
-        }
-        for (bytes, what, must_refuse) in cases {
+        for (damaged, bytes, what, must_refuse) in cases {
             let copy = tempfile::tempdir().unwrap();
-            std::fs::write(copy.path().join("raft.redb"), bytes).unwrap();
+            for (name, file) in &files {
+                let bytes = if *name == damaged { &bytes } else { file };
+                std::fs::write(copy.path().join(name), bytes).unwrap();
+            }
             match contents(copy.path()).await {
                 Err(Error::Corrupt(msg)) => {
-                    assert!(msg.contains("raft.redb"), "{what}: unclear message {msg}");
+                    assert!(msg.contains(damaged), "{what}: unclear message {msg}");
                     // redb may have rewritten the file into a consistent older state: the
                     // next start must refuse it all the same.
                     match contents(copy.path()).await {
@@ -627,7 +645,7 @@ mod tests {
                         }
                         other => panic!("{what}: refused once, then {:?}", other.map(|_| ())),
                     }
-                    refused += 1;
+                    *refused.entry(damaged).or_default() += 1;
                 }
                 Err(e) => panic!("{what}: failed with something else than Corrupt: {e}"),
                 // Free space: nothing that is read changed.
@@ -638,11 +656,133 @@ mod tests {
                 }
             }
         }
-        // The sweep must have hit live pages, or it proves nothing.
-        assert!(
-            refused > 10,
-            "only {refused} of the flips were noticed ({intact} harmless)"
-        );
+        // The sweep must have hit live pages of both files, or it proves nothing.
+        for (name, _) in &files {
+            let n = refused.get(name).copied().unwrap_or_default();
+            assert!(
+                n > 10,
+                "{name}: only {n} of the flips were noticed ({intact} harmless in all)"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_being_written_does_not_hold_up_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (log, _sm) = crate::raft::open_store(&data).unwrap();
+        // redb runs one write transaction at a time per file: hold the snapshot file's.
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let snapshots = log.snapshots.clone();
+        let writer = std::thread::spawn(move || {
+            let txn = snapshots.begin_write().unwrap();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+            drop(txn);
+        });
+        held.recv().unwrap();
+        let append = log.append_durably((1..=3).map(|i| Entry::<TypeConfig> {
+            log_id: log_id(i),
+            payload: EntryPayload::Blank,
+        }));
+        let done = tokio::time::timeout(Duration::from_secs(10), append).await;
+        release.send(()).unwrap();
+        writer.join().unwrap();
+        done.expect("the append waited for the snapshot's write")
+            .unwrap();
+        assert_eq!(indexes(&log), vec![1, 2, 3]);
+    }
+
+    /// A store with the log purged up to 6 behind a snapshot of 6, entries up to 10.
+    async fn purged_store(dir: &std::path::Path) {
+        let data = crate::datadir::DataDir::lock(dir).unwrap();
+        let (mut log, mut sm) = crate::raft::open_store(&data).unwrap();
+        let entries = (1..=10)
+            .map(|i| Entry::<TypeConfig> {
+                log_id: log_id(i),
+                payload: EntryPayload::Blank,
+            })
+            .collect();
+        put_entries(&log, entries).await;
+        install_snapshot_upto(&mut sm, 6).await;
+        log.purge(log_id(6)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_kept_in_the_log_file_moves_to_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        purged_store(dir.path()).await;
+        let expected = contents(dir.path()).await.unwrap();
+        // Back to the layout of earlier versions: the snapshot table inside raft.redb.
+        const OLD: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+        let snapshot_file = dir.path().join(crate::raft::SNAPSHOT_FILE);
+        let rows: Vec<(String, Vec<u8>)> = {
+            let db = Database::open(&snapshot_file).unwrap();
+            let txn = db.begin_read().unwrap();
+            let table = txn.open_table(OLD).unwrap();
+            let rows = table
+                .iter()
+                .unwrap()
+                .map(|r| r.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+                .collect::<Result<_, _>>()
+                .unwrap();
+            rows
+        };
+        assert_eq!(rows.len(), 2, "the current snapshot and its last log id");
+        std::fs::remove_file(&snapshot_file).unwrap();
+        {
+            let db = Database::open(dir.path().join(crate::raft::LOG_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(OLD).unwrap();
+                for (k, v) in &rows {
+                    table.insert(k.as_str(), v.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+
+        for start in ["first", "second"] {
+            assert_eq!(contents(dir.path()).await.unwrap(), expected, "{start}");
+            let db = Database::open(dir.path().join(crate::raft::LOG_FILE)).unwrap();
+            let txn = db.begin_read().unwrap();
+            assert!(
+                matches!(
+                    txn.open_table(OLD),
+                    Err(redb::TableError::TableDoesNotExist(_))
+                ),
+                "{start}: the old copy is still in the log file"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_snapshot_is_refused_once_the_log_was_purged_behind_it() {
+        // Not purged: the log still holds everything, and a start replays it.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+            let (_log, mut sm) = crate::raft::open_store(&data).unwrap();
+            install_snapshot_upto(&mut sm, 6).await;
+        }
+        std::fs::remove_file(dir.path().join(crate::raft::SNAPSHOT_FILE)).unwrap();
+        contents(dir.path()).await.unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        purged_store(dir.path()).await;
+        std::fs::remove_file(dir.path().join(crate::raft::SNAPSHOT_FILE)).unwrap();
+        match contents(dir.path()).await {
+            Err(Error::Corrupt(msg)) => assert!(
+                msg.contains(crate::raft::SNAPSHOT_FILE) && msg.contains("index 6"),
+                "{msg}"
+            ),
+            other => panic!("started without the snapshot: {:?}", other.map(|_| ())),
+        }
+        match contents(dir.path()).await {
+            Err(Error::Corrupt(msg)) => assert!(msg.contains("earlier start"), "{msg}"),
+            other => panic!("refused once, then {:?}", other.map(|_| ())),
+        }
     }
 
     #[tokio::test]

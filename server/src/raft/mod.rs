@@ -43,26 +43,33 @@ pub type LogId = openraft::LogId<NodeId>;
 /// Left in a data dir whose store was refused at start, so that later starts refuse it too.
 pub const DAMAGED: &str = "DAMAGED";
 
+/// The log and the vote. Every append commits here, and redb lets one write transaction run at
+/// a time.
+pub const LOG_FILE: &str = "raft.redb";
+/// The latest snapshot, in a file of its own: writing a large snapshot would otherwise hold
+/// redb's one writer, and every append waited behind it (stalls of 15-150 ms on each node
+/// at once, growing with the state).
+pub const SNAPSHOT_FILE: &str = "snapshot.redb";
+
 /// Kept next to `raft.redb` once the store exists. A start that finds it without the store
 /// knows the store was lost (deleted, or the disk under it replaced), not never made: a node
 /// that forgot its vote could vote twice in one term.
 pub const STORE_MARKER: &str = "STORE";
 
-/// Opens (or creates) the node's redb file in its locked data dir and returns its log store
+/// Opens (or creates) the node's redb files in its locked data dir and returns its log store
 /// and state machine.
 pub fn open_store(
     dir: &DataDir,
 ) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
-    let path = dir.path().join("raft.redb");
     let marker = dir.path().join(DAMAGED);
-    let corrupt = |why: String| {
+    let corrupt = |file: &str, why: String| {
         // redb may already have rewritten a damaged file into a consistent older state; the
         // marker keeps the next start from serving it.
-        let _ = std::fs::write(&marker, format!("{why}\n"));
+        let _ = std::fs::write(&marker, format!("{file}: {why}\n"));
         Error::Corrupt(format!(
             "{}: {why}; refusing to start rather than serve lost or stale state (to resync this \
              node from its peers, move its data dir away while the others have a quorum)",
-            path.display()
+            dir.path().join(file).display()
         ))
     };
     if let Ok(why) = std::fs::read_to_string(&marker) {
@@ -70,27 +77,62 @@ pub fn open_store(
             "{}: refused at an earlier start ({}; see {}); refusing to start rather than serve \
              lost or stale state (to resync this node from its peers, move its data dir away \
              while the others have a quorum)",
-            path.display(),
+            dir.path().display(),
             why.trim(),
             marker.display()
         )));
+    }
+    let store_marker = dir.path().join(STORE_MARKER);
+    let made_before = store_marker.exists();
+    if made_before && !dir.path().join(LOG_FILE).exists() {
+        return Err(corrupt(
+            LOG_FILE,
+            format!(
+                "is missing, though {} says this node kept its store here (its vote and log \
+                 are gone)",
+                store_marker.display()
+            ),
+        ));
+    }
+    let log_db = Arc::new(open_checked(dir, LOG_FILE).map_err(|why| corrupt(LOG_FILE, why))?);
+    dir.protect(LOG_FILE)?;
+    if !made_before {
+        mark_store(dir.path(), &store_marker)?;
+        dir.protect(STORE_MARKER)?;
+    }
+    let snapshot_db =
+        Arc::new(open_checked(dir, SNAPSHOT_FILE).map_err(|why| corrupt(SNAPSHOT_FILE, why))?);
+    dir.protect(SNAPSHOT_FILE)?;
+    state_machine::move_snapshot(&log_db, &snapshot_db)?;
+    let log = log_store::LogStore::open(log_db, snapshot_db.clone())?;
+    let sm = state_machine::StateMachine::open(snapshot_db)?;
+    // The purge guard keeps this from happening while the files are intact.
+    let purged = log.last_purged()?.map(|l| l.index);
+    let covered = sm.reader().read(|a| a.last_applied.map(|l| l.index));
+    if purged > covered {
+        return Err(corrupt(
+            SNAPSHOT_FILE,
+            format!(
+                "holds no snapshot of the log up to index {}, which {LOG_FILE} has purged (the \
+                 snapshot was lost)",
+                purged.unwrap_or_default()
+            ),
+        ));
+    }
+    Ok((log, sm))
+}
+
+/// Opens or creates one redb file and checks every page of it.
+fn open_checked(dir: &DataDir, name: &str) -> Result<redb::Database, String> {
+    let path = dir.path().join(name);
+    // redb would take an empty file for a new database: a node that forgot its vote and log.
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+        return Err("is empty".into());
     }
     // redb checks page checksums only when it recovers from a crash; a byte flipped on a disk
     // or by hand is found only by walking every page. A repair here could have rolled back to
     // an older commit, which may hold a vote or log entries this node already acknowledged.
     // Some damage makes redb panic rather than return an error; that is a refusal too.
-    // redb would take an empty file for a new database: a node that forgot its vote and log.
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
-        return Err(corrupt("is empty".into()));
-    }
-    let store_marker = dir.path().join(STORE_MARKER);
-    let made_before = store_marker.exists();
-    if made_before && !path.exists() {
-        return Err(corrupt(format!(
-            "is missing, though {} says this node kept its store here (its vote and log are gone)",
-            store_marker.display()
-        )));
-    }
     let opened = std::panic::catch_unwind(|| {
         let mut db = redb::Database::create(&path).map_err(|e| e.to_string())?;
         match db.check_integrity() {
@@ -101,20 +143,10 @@ pub fn open_store(
             Err(e) => Err(format!("failed its integrity check: {e}")),
         }
     });
-    let db = match opened {
-        Ok(Ok(db)) => db,
-        Ok(Err(why)) => return Err(corrupt(why)),
-        Err(_) => return Err(corrupt("redb could not read it (it panicked)".into())),
-    };
-    dir.protect("raft.redb")?;
-    if !made_before {
-        mark_store(dir.path(), &store_marker)?;
-        dir.protect(STORE_MARKER)?;
+    match opened {
+        Ok(result) => result,
+        Err(_) => Err("redb could not read it (it panicked)".into()),
     }
-    let db = Arc::new(db);
-    let log = log_store::LogStore::open(db.clone())?;
-    let sm = state_machine::StateMachine::open(db)?;
-    Ok((log, sm))
 }
 
 /// Writes the store marker durably, with the directory entries of it and of the store.

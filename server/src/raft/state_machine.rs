@@ -1,5 +1,5 @@
 //! openraft's view of our state machine: applies committed entries to [`State`], builds and
-//! installs snapshots, and keeps the latest snapshot durable in redb.
+//! installs snapshots, and keeps the latest snapshot durable in its own redb file.
 //!
 //! The applied state itself lives in memory. After a restart it is rebuilt from the persisted
 //! snapshot, and openraft replays the log entries that follow it.
@@ -40,6 +40,64 @@ pub(super) fn stored_snapshot_last(db: &Database) -> Result<Option<LogId>, redb:
         Some(v) => decode(v.value()).map_err(|e| redb::Error::Io(std::io::Error::other(e))),
         None => Ok(None),
     }
+}
+
+/// Data dirs from before `snapshot.redb` kept the snapshot in the log's file: moves it over,
+/// then drops it there. Each step commits durably, so a crash in between repeats the move.
+pub(super) fn move_snapshot(log_db: &Database, snapshot_db: &Database) -> Result<(), Error> {
+    let internal = |e: String| Error::Internal(format!("moving the snapshot: {e}"));
+    let old = {
+        let txn = log_db.begin_read().map_err(|e| internal(e.to_string()))?;
+        let table = match txn.open_table(SNAPSHOT) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(internal(e.to_string())),
+        };
+        let current = table.get(CURRENT).map_err(|e| internal(e.to_string()))?;
+        current.map(|v| v.value().to_vec())
+    };
+    if let Some(bytes) = &old {
+        let stored: StoredSnapshot =
+            decode(bytes).map_err(|e| internal(format!("snapshot does not decode: {e}")))?;
+        store_if_newer(snapshot_db, bytes, stored.meta.last_log_id)
+            .map_err(|e| internal(e.to_string()))?;
+    }
+    let txn = log_db.begin_write().map_err(|e| internal(e.to_string()))?;
+    txn.delete_table(SNAPSHOT)
+        .map_err(|e| internal(e.to_string()))?;
+    txn.commit().map_err(|e| internal(e.to_string()))?;
+    if old.is_some() {
+        tracing::info!(
+            to = super::SNAPSHOT_FILE,
+            "moved the snapshot out of {} (a data dir from an earlier version)",
+            super::LOG_FILE
+        );
+    }
+    Ok(())
+}
+
+/// Writes a snapshot durably, unless the stored one is at least as new. Returns whether it
+/// wrote.
+fn store_if_newer(db: &Database, bytes: &[u8], last: Option<LogId>) -> Result<bool, redb::Error> {
+    let io = |e: serde_json::Error| redb::Error::Io(std::io::Error::other(e));
+    let last_bytes = encode(&last).map_err(io)?;
+    let txn = db.begin_write()?;
+    let written = {
+        let mut table = txn.open_table(SNAPSHOT)?;
+        let stored_last: Option<LogId> = match table.get(LAST_LOG_ID)? {
+            Some(v) => decode(v.value()).map_err(io)?,
+            None => None,
+        };
+        if stored_last.is_some() && stored_last >= last {
+            false
+        } else {
+            table.insert(CURRENT, bytes)?;
+            table.insert(LAST_LOG_ID, last_bytes.as_slice())?;
+            true
+        }
+    };
+    txn.commit()?;
+    Ok(written)
 }
 
 /// The state as of a log position.
@@ -174,33 +232,12 @@ impl StateMachine {
         let sig = Some(stored.meta.signature());
         let last = stored.meta.last_log_id;
         let bytes = encode(&stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        let last_bytes =
-            encode(&last).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         let db = self.inner.db.clone();
-        let res: Result<bool, redb::Error> = tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write()?;
-            let written = {
-                let mut table = txn.open_table(SNAPSHOT)?;
-                let stored_last: Option<LogId> = match table.get(LAST_LOG_ID)? {
-                    Some(v) => {
-                        decode(v.value()).map_err(|e| redb::Error::Io(std::io::Error::other(e)))?
-                    }
-                    None => None,
-                };
-                if stored_last.is_some() && stored_last >= last {
-                    false
-                } else {
-                    table.insert(CURRENT, bytes.as_slice())?;
-                    table.insert(LAST_LOG_ID, last_bytes.as_slice())?;
-                    true
-                }
-            };
-            txn.commit()?;
-            Ok(written)
-        })
-        .await
-        .map_err(|e| redb::Error::Io(std::io::Error::other(e)))
-        .and_then(|r| r);
+        let res: Result<bool, redb::Error> =
+            tokio::task::spawn_blocking(move || store_if_newer(&db, &bytes, last))
+                .await
+                .map_err(|e| redb::Error::Io(std::io::Error::other(e)))
+                .and_then(|r| r);
         match res {
             Ok(true) => Ok(()),
             Ok(false) => {
