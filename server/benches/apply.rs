@@ -1,6 +1,7 @@
 //! The state machine's apply path, which every node runs for every log entry: a batch of id
 //! requests, a batch of Sends, and the codec a log entry goes through on its way to disk and
-//! to the followers. `cargo bench -p sequencer-server --bench apply`.
+//! to the followers. Also the snapshot build: the copy of the state taken under the lock that
+//! apply needs, and its encoding. `cargo bench -p sequencer-server --bench apply`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use sequencer_server::raft::codec::{decode, encode};
@@ -111,5 +112,38 @@ fn bench_apply(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_apply);
+/// A group retaining 10,000 messages of 1 KiB, about 10 MiB of payload.
+fn full_group() -> State {
+    let (mut state, sends) = group_and_sends();
+    let Command::Send { mut sends, limits } = sends else {
+        unreachable!()
+    };
+    for round in 1..=10_000 / BATCH as u64 + 1 {
+        for s in &mut sends {
+            s.sender_seq = round;
+            s.payload = vec![b'x'; 1024];
+        }
+        let cmd = Command::Send {
+            sends: sends.clone(),
+            limits,
+        };
+        state.apply(&cmd, 1, &mut Touched::default());
+    }
+    state
+}
+
+fn bench_snapshot(c: &mut Criterion) {
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(10);
+    let state = full_group();
+    g.bench_function("copy a state retaining 10 MiB", |b| {
+        b.iter(|| state.clone())
+    });
+    g.bench_function("encode a state retaining 10 MiB", |b| {
+        b.iter(|| encode(&state).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_apply, bench_snapshot);
 criterion_main!(benches);

@@ -403,7 +403,6 @@ async fn a_second_process_on_a_data_dir_refuses_naming_the_holder_and_files_are_
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&node_dir), 0o700);
     assert_eq!(mode(&node_dir.join("raft.redb")), 0o600);
-    assert_eq!(mode(&node_dir.join("snapshot.redb")), 0o600);
     assert_eq!(mode(&node_dir.join("LOCK")), 0o600);
     assert_eq!(mode(&node_dir.join("STORE")), 0o600);
 }

@@ -18,7 +18,7 @@ use prost::Message;
 use sequencer_proto::v1 as pb;
 
 use super::codec::{decode, encode};
-use super::state_machine::StoredSnapshot;
+use super::snapshot_file::{parse, SnapshotFile};
 use super::{NodeId, TypeConfig};
 use crate::config::Config;
 use crate::liveness::HeartbeatMsg;
@@ -349,16 +349,17 @@ fn write_fuzz_corpus() {
         write("command", &format!("{i:02}.json"), encode(c).unwrap());
     }
     let state = busy_state();
-    let stored = StoredSnapshot {
-        meta: openraft::SnapshotMeta {
-            last_log_id: Some(log_id(1, 8)),
-            last_membership: Default::default(),
-            snapshot_id: "1-8-1".into(),
-        },
-        data: encode(&state).unwrap(),
+    let meta = openraft::SnapshotMeta {
+        last_log_id: Some(log_id(1, 8)),
+        last_membership: Default::default(),
+        snapshot_id: "1-8-1".into(),
     };
     write("snapshot", "state.json", encode(&state).unwrap());
-    write("snapshot", "stored.json", encode(&stored).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, _) = SnapshotFile::open(tmp.path()).unwrap();
+    file.save(&meta, &encode(&state).unwrap()).unwrap();
+    let stored = std::fs::read(tmp.path().join(super::SNAPSHOT_FILE)).unwrap();
+    write("snapshot", super::SNAPSHOT_FILE, stored);
     let vote = VoteRequest::<NodeId>::new(Vote::new(3, 2), Some(log_id(2, 7)));
     write("peer", "vote.json", encode(&vote).unwrap());
     let append = AppendEntriesRequest::<TypeConfig> {
@@ -431,7 +432,7 @@ proptest! {
     /// Snapshots as read from disk at start, and as installed from a peer.
     #[test]
     fn fuzz_snapshot_decoding_never_panics(bytes in input("snapshot")) {
-        if let Ok(stored) = decode::<StoredSnapshot>(&bytes) {
+        if let Ok(stored) = parse(&bytes) {
             let _ = decode::<State>(&stored.data);
         }
         let _ = decode::<State>(&bytes);

@@ -11,6 +11,7 @@ pub mod election;
 mod fuzz_test;
 pub mod log_store;
 pub mod network;
+mod snapshot_file;
 pub mod state_machine;
 #[cfg(test)]
 mod suite_test;
@@ -46,18 +47,17 @@ pub const DAMAGED: &str = "DAMAGED";
 /// The log and the vote. Every append commits here, and redb lets one write transaction run at
 /// a time.
 pub const LOG_FILE: &str = "raft.redb";
-/// The latest snapshot, in a file of its own: writing a large snapshot would otherwise hold
-/// redb's one writer, and every append waited behind it (stalls of 15-150 ms on each node
-/// at once, growing with the state).
-pub const SNAPSHOT_FILE: &str = "snapshot.redb";
+/// The latest snapshot, a plain file of its own: in the log's redb file, writing a large
+/// snapshot held redb's one writer, and every append waited behind it.
+pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 /// Kept next to `raft.redb` once the store exists. A start that finds it without the store
 /// knows the store was lost (deleted, or the disk under it replaced), not never made: a node
 /// that forgot its vote could vote twice in one term.
 pub const STORE_MARKER: &str = "STORE";
 
-/// Opens (or creates) the node's redb files in its locked data dir and returns its log store
-/// and state machine.
+/// Opens (or creates) the node's store in its locked data dir (the log's redb file and the
+/// snapshot file) and returns its log store and state machine.
 pub fn open_store(
     dir: &DataDir,
 ) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
@@ -100,12 +100,16 @@ pub fn open_store(
         mark_store(dir.path(), &store_marker)?;
         dir.protect(STORE_MARKER)?;
     }
-    let snapshot_db =
-        Arc::new(open_checked(dir, SNAPSHOT_FILE).map_err(|why| corrupt(SNAPSHOT_FILE, why))?);
-    dir.protect(SNAPSHOT_FILE)?;
-    state_machine::move_snapshot(&log_db, &snapshot_db)?;
-    let log = log_store::LogStore::open(log_db, snapshot_db.clone())?;
-    let sm = state_machine::StateMachine::open(snapshot_db)?;
+    let snapshot_err = |e: snapshot_file::ReadError| match e {
+        snapshot_file::ReadError::Damaged(why) => corrupt(SNAPSHOT_FILE, why),
+        e => Error::Internal(e.to_string()),
+    };
+    let (file, mut stored) = snapshot_file::SnapshotFile::open(dir.path()).map_err(snapshot_err)?;
+    if state_machine::move_snapshot(&log_db, &file)? {
+        stored = file.load().map_err(snapshot_err)?;
+    }
+    let log = log_store::LogStore::open(log_db, file.covered())?;
+    let sm = state_machine::StateMachine::open(file, stored)?;
     // The purge guard keeps this from happening while the files are intact.
     let purged = log.last_purged()?.map(|l| l.index);
     let covered = sm.reader().read(|a| a.last_applied.map(|l| l.index));
@@ -122,7 +126,7 @@ pub fn open_store(
     Ok((log, sm))
 }
 
-/// Opens or creates one redb file and checks every page of it.
+/// Opens or creates a redb file and checks every page of it.
 fn open_checked(dir: &DataDir, name: &str) -> Result<redb::Database, String> {
     let path = dir.path().join(name);
     // redb would take an empty file for a new database: a node that forgot its vote and log.

@@ -10,61 +10,51 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    BasicNode, Entry, EntryPayload, RaftSnapshotBuilder, StorageError, StorageIOError,
+    StoredMembership,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 
 use super::codec::{decode, encode};
+use super::snapshot_file::{Meta, SnapshotFile, StoredSnapshot};
 use super::{LogId, NodeId, TypeConfig};
 use crate::error::Error;
 use crate::state::{Command, Reply, State};
 
-const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
-const CURRENT: &str = "current";
-/// The stored snapshot's last log id, kept apart so comparing needs no decoding of the state.
-const LAST_LOG_ID: &str = "last_log_id";
-
 type StResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, BasicNode>;
-type Meta = SnapshotMeta<NodeId, BasicNode>;
 
-/// The last log id the durably stored snapshot covers, if any. The log store reads it to
-/// never purge entries that no stored snapshot holds yet.
-pub(super) fn stored_snapshot_last(db: &Database) -> Result<Option<LogId>, redb::Error> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(SNAPSHOT)?;
-    match table.get(LAST_LOG_ID)? {
-        Some(v) => decode(v.value()).map_err(|e| redb::Error::Io(std::io::Error::other(e))),
-        None => Ok(None),
+/// Data dirs from before the snapshot file kept the snapshot in a table of the log's redb
+/// file: moves it into the file, then drops the table. Each step is durable, so a crash in
+/// between repeats the move. Says whether there was one to move.
+pub(super) fn move_snapshot(log_db: &Database, file: &SnapshotFile) -> Result<bool, Error> {
+    const OLD: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+    #[derive(Deserialize)]
+    struct OldSnapshot {
+        meta: Meta,
+        data: Vec<u8>,
     }
-}
-
-/// Data dirs from before `snapshot.redb` kept the snapshot in the log's file: moves it over,
-/// then drops it there. Each step commits durably, so a crash in between repeats the move.
-pub(super) fn move_snapshot(log_db: &Database, snapshot_db: &Database) -> Result<(), Error> {
     let internal = |e: String| Error::Internal(format!("moving the snapshot: {e}"));
     let old = {
         let txn = log_db.begin_read().map_err(|e| internal(e.to_string()))?;
-        let table = match txn.open_table(SNAPSHOT) {
+        let table = match txn.open_table(OLD) {
             Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
             Err(e) => return Err(internal(e.to_string())),
         };
-        let current = table.get(CURRENT).map_err(|e| internal(e.to_string()))?;
+        let current = table.get("current").map_err(|e| internal(e.to_string()))?;
         current.map(|v| v.value().to_vec())
     };
     if let Some(bytes) = &old {
-        let stored: StoredSnapshot =
+        let old: OldSnapshot =
             decode(bytes).map_err(|e| internal(format!("snapshot does not decode: {e}")))?;
-        store_if_newer(snapshot_db, bytes, stored.meta.last_log_id)
+        file.save(&old.meta, &old.data)
             .map_err(|e| internal(e.to_string()))?;
     }
     let txn = log_db.begin_write().map_err(|e| internal(e.to_string()))?;
-    txn.delete_table(SNAPSHOT)
-        .map_err(|e| internal(e.to_string()))?;
+    txn.delete_table(OLD).map_err(|e| internal(e.to_string()))?;
     txn.commit().map_err(|e| internal(e.to_string()))?;
     if old.is_some() {
         tracing::info!(
@@ -73,31 +63,7 @@ pub(super) fn move_snapshot(log_db: &Database, snapshot_db: &Database) -> Result
             super::LOG_FILE
         );
     }
-    Ok(())
-}
-
-/// Writes a snapshot durably, unless the stored one is at least as new. Returns whether it
-/// wrote.
-fn store_if_newer(db: &Database, bytes: &[u8], last: Option<LogId>) -> Result<bool, redb::Error> {
-    let io = |e: serde_json::Error| redb::Error::Io(std::io::Error::other(e));
-    let last_bytes = encode(&last).map_err(io)?;
-    let txn = db.begin_write()?;
-    let written = {
-        let mut table = txn.open_table(SNAPSHOT)?;
-        let stored_last: Option<LogId> = match table.get(LAST_LOG_ID)? {
-            Some(v) => decode(v.value()).map_err(io)?,
-            None => None,
-        };
-        if stored_last.is_some() && stored_last >= last {
-            false
-        } else {
-            table.insert(CURRENT, bytes)?;
-            table.insert(LAST_LOG_ID, last_bytes.as_slice())?;
-            true
-        }
-    };
-    txn.commit()?;
-    Ok(written)
+    Ok(old.is_some())
 }
 
 /// The state as of a log position.
@@ -108,15 +74,8 @@ pub struct Applied {
     pub state: State,
 }
 
-/// A snapshot as stored on disk: openraft's metadata and our encoded [`State`].
-#[derive(Serialize, Deserialize)]
-pub(super) struct StoredSnapshot {
-    pub(super) meta: Meta,
-    pub(super) data: Vec<u8>,
-}
-
 struct Inner {
-    db: Arc<Database>,
+    file: SnapshotFile,
     applied: RwLock<Applied>,
     /// Names of groups whose streams grew; "" after a snapshot install (anything may have).
     grown: broadcast::Sender<Arc<str>>,
@@ -165,15 +124,11 @@ impl StateReader {
 const WAKEUP_BUFFER: usize = 4096;
 
 impl StateMachine {
-    pub(super) fn open(db: Arc<Database>) -> Result<Self, Error> {
-        let internal = |e: String| Error::Internal(format!("state machine: {e}"));
-        let txn = db.begin_write().map_err(|e| internal(e.to_string()))?;
-        txn.open_table(SNAPSHOT)
-            .map_err(|e| internal(e.to_string()))?;
-        txn.commit().map_err(|e| internal(e.to_string()))?;
+    /// The state machine over `file`, starting from `stored`, the snapshot read from it.
+    pub(super) fn open(file: SnapshotFile, stored: Option<StoredSnapshot>) -> Result<Self, Error> {
         let sm = Self {
             inner: Arc::new(Inner {
-                db,
+                file,
                 applied: RwLock::default(),
                 grown: broadcast::channel(WAKEUP_BUFFER).0,
                 applied_index: watch::channel(None).0,
@@ -182,9 +137,10 @@ impl StateMachine {
                 applied_summary: Mutex::default(),
             }),
         };
-        if let Some(stored) = sm.load_snapshot().map_err(|e| internal(e.to_string()))? {
-            let state: State = decode(&stored.data)
-                .map_err(|e| internal(format!("snapshot does not decode: {e}")))?;
+        if let Some(stored) = stored {
+            let state: State = decode(&stored.data).map_err(|e| {
+                Error::Internal(format!("state machine: snapshot does not decode: {e}"))
+            })?;
             sm.inner
                 .applied_index
                 .send_replace(stored.meta.last_log_id.map(|l| l.index));
@@ -216,33 +172,35 @@ impl StateMachine {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn load_snapshot(&self) -> Result<Option<StoredSnapshot>, redb::Error> {
-        let txn = self.inner.db.begin_read()?;
-        let table = txn.open_table(SNAPSHOT)?;
-        let Some(v) = table.get(CURRENT)? else {
-            return Ok(None);
-        };
-        let stored = decode(v.value()).map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
-        Ok(Some(stored))
+    async fn load_snapshot(&self) -> StResult<Option<StoredSnapshot>> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.file.load())
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+            .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
     }
 
     /// Writes the snapshot durably, unless the stored one is at least as new: a build that
     /// started before an install from the primary must not overwrite the installed snapshot.
-    async fn save_snapshot(&self, stored: StoredSnapshot) -> StResult<()> {
+    /// Hands `stored` back once saved.
+    async fn save_snapshot(&self, stored: StoredSnapshot) -> StResult<StoredSnapshot> {
         let sig = Some(stored.meta.signature());
         let last = stored.meta.last_log_id;
-        let bytes = encode(&stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        let db = self.inner.db.clone();
-        let res: Result<bool, redb::Error> =
-            tokio::task::spawn_blocking(move || store_if_newer(&db, &bytes, last))
-                .await
-                .map_err(|e| redb::Error::Io(std::io::Error::other(e)))
-                .and_then(|r| r);
+        let inner = self.inner.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            inner
+                .file
+                .save(&stored.meta, &stored.data)
+                .map(|wrote| (wrote, stored))
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
         match res {
-            Ok(true) => Ok(()),
-            Ok(false) => {
+            Ok((true, stored)) => Ok(stored),
+            Ok((false, stored)) => {
                 tracing::debug!(?last, "a newer snapshot is already stored; kept it");
-                Ok(())
+                Ok(stored)
             }
             Err(e) => Err(StorageIOError::write_snapshot(sig, &e).into()),
         }
@@ -301,11 +259,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: applied.membership,
             snapshot_id,
         };
-        self.save_snapshot(StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .await?;
+        let StoredSnapshot { meta, data } =
+            self.save_snapshot(StoredSnapshot { meta, data }).await?;
         tracing::info!(
             node = self.inner.node_id.load(Ordering::Relaxed),
             index = meta.last_log_id.map(|l| l.index),
@@ -410,9 +365,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
-        let stored = self
-            .load_snapshot()
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let stored = self.load_snapshot().await?;
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
@@ -510,10 +463,10 @@ mod tests {
         let (_, sm) = crate::raft::open_store(&data).unwrap();
         sm.save_snapshot(stored(500)).await.unwrap();
         sm.save_snapshot(stored(100)).await.unwrap();
-        let kept = sm.load_snapshot().unwrap().unwrap();
+        let kept = sm.load_snapshot().await.unwrap().unwrap();
         assert_eq!(kept.meta.last_log_id.map(|l| l.index), Some(500));
         sm.save_snapshot(stored(600)).await.unwrap();
-        let kept = sm.load_snapshot().unwrap().unwrap();
+        let kept = sm.load_snapshot().await.unwrap().unwrap();
         assert_eq!(kept.meta.last_log_id.map(|l| l.index), Some(600));
     }
 }

@@ -4,6 +4,7 @@
 //! messages and membership events share one dense order. Tokens are stored as SHA-256 hashes.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -111,7 +112,9 @@ struct Group {
     next_seq: u64,
     members: BTreeMap<u64, Member>,
     senders: BTreeMap<u64, SenderState>,
-    retained: VecDeque<Delivery>,
+    /// Shared, so that copying the state for a snapshot (under the lock that apply takes)
+    /// copies pointers, not payloads.
+    retained: VecDeque<Arc<Delivery>>,
     retained_bytes: u64,
 }
 
@@ -131,7 +134,7 @@ impl Group {
         d.group_seq = self.next_seq;
         self.next_seq += 1;
         self.retained_bytes += d.payload.len() as u64;
-        self.retained.push_back(d);
+        self.retained.push_back(Arc::new(d));
         while self.retained.len() > 1
             && (self.retained.len() > limits.retain_messages as usize
                 || self.retained_bytes > limits.retain_bytes)
@@ -479,7 +482,7 @@ impl Groups {
                 bytes += d.payload.len().max(1);
                 first || bytes <= max_bytes
             })
-            .cloned()
+            .map(|d| Delivery::clone(d))
             .collect();
         Some(Slice {
             deliveries,
