@@ -7,7 +7,8 @@
 //!
 //! The log is never purged past the stored snapshot (in its own file, next to the log's). openraft 0.9 issues the purge that follows a snapshot install without waiting for the
 //! state machine to finish installing it; a crash in between left a purged log and no snapshot,
-//! and openraft then refuses to start. So a purge waits for the stored snapshot to cover it.
+//! and openraft then refuses to start. So a purge waits for the stored snapshot to cover it,
+//! and fails when the save of that snapshot failed.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -22,6 +23,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::codec::{decode, encode};
+use super::snapshot_file::Saved;
 use super::{LogId, NodeId, TypeConfig};
 use crate::error::Error;
 
@@ -109,8 +111,8 @@ impl Recent {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    /// The last log id the stored snapshot covers, for the purge guard.
-    snapshot_covers: watch::Receiver<Option<LogId>>,
+    /// What the snapshot file holds, for the purge guard.
+    snapshot: watch::Receiver<Saved>,
     /// Last committed index + 1 (0: none), as openraft last told us; for Cluster.Status.
     committed: Arc<AtomicU64>,
     /// Off only for openraft's storage suite, which purges with no snapshot at all.
@@ -121,17 +123,14 @@ pub struct LogStore {
 type StResult<T> = Result<T, StorageError<NodeId>>;
 
 impl LogStore {
-    pub(super) fn open(
-        db: Arc<Database>,
-        snapshot_covers: watch::Receiver<Option<LogId>>,
-    ) -> Result<Self, Error> {
+    pub(super) fn open(db: Arc<Database>, snapshot: watch::Receiver<Saved>) -> Result<Self, Error> {
         let txn = db.begin_write().map_err(internal)?;
         txn.open_table(LOGS).map_err(internal)?;
         txn.open_table(META).map_err(internal)?;
         txn.commit().map_err(internal)?;
         Ok(Self {
             db,
-            snapshot_covers,
+            snapshot,
             committed: Arc::new(AtomicU64::new(0)),
             purge_waits_for_snapshot: true,
             recent: Arc::default(),
@@ -147,13 +146,22 @@ impl LogStore {
     /// Waits until the stored snapshot covers `upto`, so a crash never leaves a purged log
     /// without the snapshot that replaces it.
     async fn wait_for_snapshot_covering(&self, upto: LogId) -> StResult<()> {
-        let covers = |c: &Option<LogId>| c.map(|l| l.index) >= Some(upto.index);
-        let mut covered = self.snapshot_covers.clone();
+        let at_or_past = |l: Option<LogId>| l.map(|l| l.index) >= Some(upto.index);
+        let mut saved = self.snapshot.clone();
         let mut waited = Duration::ZERO;
-        // Warn once the wait is long; give up at the limit.
+        // Warn once the wait is long; give up at the limit, or at once if the snapshot that
+        // would cover the purge failed to save (the node is about to stop on that error).
         for wait in [Duration::from_secs(1), PURGE_WAIT_LIMIT] {
-            match tokio::time::timeout(wait, covered.wait_for(covers)).await {
-                Ok(Ok(_)) => return Ok(()),
+            let done = saved.wait_for(|s| at_or_past(s.covers) || at_or_past(s.failed));
+            match tokio::time::timeout(wait, done).await {
+                Ok(Ok(s)) if at_or_past(s.covers) => return Ok(()),
+                Ok(Ok(_)) => {
+                    return Err(write_err(std::io::Error::other(format!(
+                        "refusing to purge the log up to index {}: the snapshot covering it \
+                         failed to save",
+                        upto.index
+                    ))))
+                }
                 Ok(Err(_)) => {
                     return Err(write_err(std::io::Error::other(
                         "the snapshot store closed while a purge waited for it",
@@ -764,6 +772,58 @@ mod tests {
             Err(Error::Corrupt(msg)) => assert!(msg.contains("earlier start"), "{msg}"),
             other => panic!("refused once, then {:?}", other.map(|_| ())),
         }
+    }
+
+    #[tokio::test]
+    async fn a_purge_waiting_for_a_snapshot_that_failed_to_save_gives_up_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (log, mut sm) = crate::raft::open_store(&data).unwrap();
+        put_entries(&log, blanks(1..=10)).await;
+        // A save cannot create its temporary file where a directory stands.
+        std::fs::create_dir(dir.path().join("snapshot.tmp")).unwrap();
+        let snapshot = |index: u64| {
+            let meta = SnapshotMeta {
+                last_log_id: Some(log_id(index)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: format!("s-{index}"),
+            };
+            (
+                meta,
+                Box::new(Cursor::new(encode(&State::default()).unwrap())),
+            )
+        };
+        // Well under the 61 s a purge waits for a snapshot that is merely slow.
+        let limit = Duration::from_secs(20);
+
+        // The purge waits first, then the install fails.
+        let mut purging = log.clone();
+        let purge = tokio::spawn(async move { purging.purge(log_id(4)).await });
+        let (meta, cursor) = snapshot(4);
+        assert!(sm.install_snapshot(&meta, cursor).await.is_err());
+        let res = tokio::time::timeout(limit, purge)
+            .await
+            .expect("the purge kept waiting for a snapshot that failed")
+            .unwrap();
+        let err = res.expect_err("purged with no snapshot stored").to_string();
+        assert!(err.contains("failed to save"), "{err}");
+
+        // The install fails first, then the purge comes.
+        let (meta, cursor) = snapshot(6);
+        assert!(sm.install_snapshot(&meta, cursor).await.is_err());
+        let mut purging = log.clone();
+        tokio::time::timeout(limit, purging.purge(log_id(5)))
+            .await
+            .expect("the purge kept waiting for a snapshot that failed")
+            .expect_err("purged with no snapshot stored");
+        assert_eq!(indexes(&log), (1..=10).collect::<Vec<_>>());
+
+        // Once a covering snapshot is stored, the purge goes through.
+        std::fs::remove_dir(dir.path().join("snapshot.tmp")).unwrap();
+        install_snapshot_upto(&mut sm, 7).await;
+        let mut purging = log.clone();
+        purging.purge(log_id(5)).await.unwrap();
+        assert_eq!(indexes(&log), (6..=10).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -108,7 +108,7 @@ pub fn open_store(
     if state_machine::move_snapshot(&log_db, &file)? {
         stored = file.load().map_err(snapshot_err)?;
     }
-    let log = log_store::LogStore::open(log_db, file.covered())?;
+    let log = log_store::LogStore::open(log_db, file.saved())?;
     let sm = state_machine::StateMachine::open(file, stored)?;
     // The purge guard keeps this from happening while the files are intact.
     let purged = log.last_purged()?.map(|l| l.index);

@@ -46,14 +46,22 @@ pub enum ReadError {
     Damaged(String),
 }
 
+/// What the saves so far left on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Saved {
+    /// The last log id the stored snapshot covers.
+    pub(super) covers: Option<LogId>,
+    /// The newest snapshot whose save failed: whoever waits for it to be stored can stop.
+    pub(super) failed: Option<LogId>,
+}
+
 /// The snapshot file of one data dir. Saves are serialized, and an older snapshot never
 /// replaces a newer one.
 pub(super) struct SnapshotFile {
     dir: PathBuf,
     /// Held across a save: a build and an install may finish together.
     saving: Mutex<()>,
-    /// The last log id the stored snapshot covers.
-    covered: watch::Sender<Option<LogId>>,
+    saved: watch::Sender<Saved>,
 }
 
 impl SnapshotFile {
@@ -69,17 +77,19 @@ impl SnapshotFile {
         let file = Self {
             dir: dir.to_path_buf(),
             saving: Mutex::new(()),
-            covered: watch::channel(None).0,
+            saved: watch::channel(Saved::default()).0,
         };
         let stored = file.load()?;
-        file.covered
-            .send_replace(stored.as_ref().and_then(|s| s.meta.last_log_id));
+        file.saved.send_replace(Saved {
+            covers: stored.as_ref().and_then(|s| s.meta.last_log_id),
+            failed: None,
+        });
         Ok((file, stored))
     }
 
-    /// Follows the last log id the stored snapshot covers, as each save lands.
-    pub(super) fn covered(&self) -> watch::Receiver<Option<LogId>> {
-        self.covered.subscribe()
+    /// Follows what is stored, as each save lands or fails.
+    pub(super) fn saved(&self) -> watch::Receiver<Saved> {
+        self.saved.subscribe()
     }
 
     /// Reads the stored snapshot. Blocks: call it off the async workers.
@@ -98,10 +108,19 @@ impl SnapshotFile {
     pub(super) fn save(&self, meta: &Meta, data: &[u8]) -> std::io::Result<bool> {
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let last = meta.last_log_id;
-        let stored = *self.covered.borrow();
+        let stored = self.saved.borrow().covers;
         if stored.is_some() && stored >= last {
             return Ok(false);
         }
+        let res = self.write(meta, data);
+        self.saved.send_modify(|saved| match res {
+            Ok(()) => saved.covers = last,
+            Err(_) => saved.failed = saved.failed.max(last),
+        });
+        res.map(|()| true)
+    }
+
+    fn write(&self, meta: &Meta, data: &[u8]) -> std::io::Result<()> {
         let meta = encode(meta).map_err(std::io::Error::other)?;
         let meta_len = u32::try_from(meta.len()).map_err(std::io::Error::other)?;
         let mut sum = Sha256::new();
@@ -130,9 +149,7 @@ impl SnapshotFile {
         file.sync_all()?;
         drop(file);
         std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
-        File::open(&self.dir)?.sync_all()?;
-        self.covered.send_replace(last);
-        Ok(true)
+        File::open(&self.dir)?.sync_all()
     }
 }
 
@@ -195,7 +212,7 @@ mod tests {
         // Several flush steps, so the write path that flushes as it goes is the one tested.
         let data: Vec<u8> = (0..3 * STEP + 5).map(|i| i as u8).collect();
         assert!(file.save(&meta(7), &data).unwrap());
-        assert_eq!(*file.covered().borrow(), meta(7).last_log_id);
+        assert_eq!(file.saved().borrow().covers, meta(7).last_log_id);
         let path = dir.path().join(SNAPSHOT_FILE);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -208,7 +225,7 @@ mod tests {
         assert_eq!(stored.meta.last_log_id, meta(7).last_log_id);
         assert_eq!(stored.data, data);
         assert!(!dir.path().join(TMP_FILE).exists(), "the half save stayed");
-        assert_eq!(*file.covered().borrow(), meta(7).last_log_id);
+        assert_eq!(file.saved().borrow().covers, meta(7).last_log_id);
 
         // Older never replaces newer; newer does.
         assert!(!file.save(&meta(6), b"older").unwrap());
