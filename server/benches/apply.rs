@@ -17,6 +17,7 @@ fn limits() -> GroupLimits {
         max_members_per_group: 1_000,
         retain_messages: 10_000,
         retain_bytes: 16 << 20,
+        retain_total_bytes: 256 << 20,
     }
 }
 

@@ -50,6 +50,7 @@ struct RawConfig {
     failure_timeout_ms: Option<u64>,
     retain_messages: u32,
     retain_bytes: u64,
+    retain_total_bytes: u64,
     max_payload_bytes: u32,
     max_clients: u32,
     max_groups: u32,
@@ -94,6 +95,7 @@ impl Default for RawConfig {
             failure_timeout_ms: None,
             retain_messages: 10_000,
             retain_bytes: 16 * 1024 * 1024,
+            retain_total_bytes: 256 * 1024 * 1024,
             max_payload_bytes: 1024 * 1024,
             max_clients: 100_000,
             max_groups: 10_000,
@@ -459,6 +461,12 @@ impl RawConfig {
                 ),
             );
         }
+        if self.retain_total_bytes < self.retain_bytes {
+            return err(
+                "retain_total_bytes",
+                format!("must be at least retain_bytes ({})", self.retain_bytes),
+            );
+        }
         let cluster_secret = match self.cluster_secret {
             None => None,
             Some(secret) => {
@@ -556,6 +564,7 @@ impl RawConfig {
                 max_members_per_group: self.max_members_per_group,
                 retain_messages: self.retain_messages,
                 retain_bytes: self.retain_bytes,
+                retain_total_bytes: self.retain_total_bytes,
             },
         })
     }
@@ -621,6 +630,10 @@ mod tests {
             (
                 r#"{"nodes": [{"id":1,"addr":"nowhere","peer_addr":"127.0.0.1:2"}]}"#,
                 "nodes[0].addr",
+            ),
+            (
+                r#"{"retain_bytes": 2097152, "retain_total_bytes": 1048576}"#,
+                "retain_total_bytes",
             ),
         ] {
             let e = Config::from_json(json).unwrap_err().to_string();

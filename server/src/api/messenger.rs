@@ -189,7 +189,7 @@ impl MessengerApi {
 
 fn out_of_range(group: &str, from: u64, oldest: u64) -> Error {
     Error::OutOfRange(format!(
-        "from_seq {from} is older than the oldest delivery group `{group}` retains ({oldest}; retain_messages)"
+        "from_seq {from} is older than the oldest delivery group `{group}` retains ({oldest}; retain_messages, retain_bytes, retain_total_bytes)"
     ))
 }
 

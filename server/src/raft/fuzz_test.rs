@@ -111,6 +111,7 @@ fn limits() -> GroupLimits {
         max_members_per_group: 10,
         retain_messages: 50,
         retain_bytes: 1 << 16,
+        retain_total_bytes: 1 << 18,
     }
 }
 
@@ -200,12 +201,15 @@ fn any_token_hash() -> impl Strategy<Value = String> {
 }
 
 fn any_limits() -> impl Strategy<Value = GroupLimits> {
-    (0..4u32, 0..4u32, 0..4u32, 0..8u32, 0..1024u64).prop_map(|(c, g, m, r, b)| GroupLimits {
-        max_clients: c,
-        max_groups: g,
-        max_members_per_group: m,
-        retain_messages: r,
-        retain_bytes: b,
+    (0..4u32, 0..4u32, 0..4u32, 0..8u32, 0..1024u64, 0..2048u64).prop_map(|(c, g, m, r, b, t)| {
+        GroupLimits {
+            max_clients: c,
+            max_groups: g,
+            max_members_per_group: m,
+            retain_messages: r,
+            retain_bytes: b,
+            retain_total_bytes: t,
+        }
     })
 }
 
@@ -468,6 +472,9 @@ proptest! {
         for (i, cmd) in cmds.iter().enumerate() {
             let before: Vec<u64> = ["default", "orders", "x"].iter().map(|s| state.sequences.current(s)).collect();
             state.apply(cmd, 1 + i as u64 % 3, &mut Touched::default());
+            // What is kept across groups is what a snapshot read back would count.
+            let reread: State = decode(&encode(&state).unwrap()).unwrap();
+            prop_assert_eq!(&reread, &state);
             let after: Vec<u64> = ["default", "orders", "x"].iter().map(|s| state.sequences.current(s)).collect();
             prop_assert!(after.iter().zip(&before).all(|(a, b)| a >= b), "{before:?} -> {after:?}");
         }

@@ -25,6 +25,14 @@ pub struct GroupLimits {
     pub retain_messages: u32,
     /// Payload bytes each group retains; the older deliveries go first.
     pub retain_bytes: u64,
+    /// Payload bytes all groups together retain; the group retaining the most gives first.
+    /// Entries logged by earlier versions carry none, and those versions kept no such bound.
+    #[serde(default = "unbounded")]
+    pub retain_total_bytes: u64,
+}
+
+fn unbounded() -> u64 {
+    u64::MAX
 }
 
 /// What a delivery is.
@@ -135,15 +143,25 @@ impl Group {
         self.next_seq += 1;
         self.retained_bytes += d.payload.len() as u64;
         self.retained.push_back(Arc::new(d));
-        while self.retained.len() > 1
-            && (self.retained.len() > limits.retain_messages as usize
-                || self.retained_bytes > limits.retain_bytes)
+        while self.retained.len() > limits.retain_messages as usize
+            || self.retained_bytes > limits.retain_bytes
         {
-            if let Some(old) = self.retained.pop_front() {
-                self.retained_bytes -= old.payload.len() as u64;
+            if !self.drop_oldest() {
+                break;
             }
         }
         self.next_seq - 1
+    }
+
+    /// Drops the oldest retained delivery, but never the newest one; says whether it did.
+    fn drop_oldest(&mut self) -> bool {
+        if self.retained.len() < 2 {
+            return false;
+        }
+        if let Some(old) = self.retained.pop_front() {
+            self.retained_bytes -= old.payload.len() as u64;
+        }
+        true
     }
 
     fn event(&mut self, kind: Kind, client_id: u64, name: &str, limits: &GroupLimits) -> u64 {
@@ -172,10 +190,63 @@ pub type Touched = Vec<String>;
 
 /// The tracker's and messenger's replicated state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredGroups")]
 pub struct Groups {
     next_client_id: u64,
     clients: BTreeMap<u64, ClientRecord>,
     groups: BTreeMap<String, Group>,
+    /// Derived from `groups`, so not stored: rebuilt when a snapshot is read.
+    #[serde(skip_serializing)]
+    retained: Retained,
+}
+
+/// The fields of [`Groups`] that snapshots hold.
+#[derive(Deserialize)]
+struct StoredGroups {
+    next_client_id: u64,
+    clients: BTreeMap<u64, ClientRecord>,
+    groups: BTreeMap<String, Group>,
+}
+
+impl From<StoredGroups> for Groups {
+    fn from(s: StoredGroups) -> Self {
+        Self {
+            retained: Retained::of(&s.groups),
+            next_client_id: s.next_client_id,
+            clients: s.clients,
+            groups: s.groups,
+        }
+    }
+}
+
+/// Payload bytes retained over all groups, and the groups retaining any, ordered by how much.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Retained {
+    total: u64,
+    by_size: BTreeSet<(u64, String)>,
+}
+
+impl Retained {
+    fn of(groups: &BTreeMap<String, Group>) -> Self {
+        Self {
+            total: groups.values().map(|g| g.retained_bytes).sum(),
+            by_size: groups
+                .iter()
+                .filter(|(_, g)| g.retained_bytes > 0)
+                .map(|(name, g)| (g.retained_bytes, name.clone()))
+                .collect(),
+        }
+    }
+
+    fn resize(&mut self, group: &str, before: u64, after: u64) {
+        if before > 0 {
+            self.by_size.remove(&(before, group.to_string()));
+        }
+        if after > 0 {
+            self.by_size.insert((after, group.to_string()));
+        }
+        self.total = self.total - before + after;
+    }
 }
 
 impl Default for Groups {
@@ -184,6 +255,7 @@ impl Default for Groups {
             next_client_id: 1,
             clients: BTreeMap::new(),
             groups: BTreeMap::new(),
+            retained: Retained::default(),
         }
     }
 }
@@ -205,6 +277,37 @@ pub struct Slice {
 }
 
 impl Groups {
+    /// Accounts for `group` retaining `before` bytes until now, then drops the oldest
+    /// deliveries of the groups retaining the most until all of them fit
+    /// `retain_total_bytes`. Each group keeps at least its newest delivery.
+    fn retained_changed(&mut self, group: &str, before: u64, limits: &GroupLimits) {
+        let after = self.groups.get(group).map_or(before, |g| g.retained_bytes);
+        self.retained.resize(group, before, after);
+        while self.retained.total > limits.retain_total_bytes {
+            let groups = &self.groups;
+            let victim = self
+                .retained
+                .by_size
+                .iter()
+                .rev()
+                .find(|(_, name)| groups.get(name).is_some_and(|g| g.retained.len() > 1))
+                .map(|(_, name)| name.clone());
+            let Some(victim) = victim else { break };
+            let Some(g) = self.groups.get_mut(&victim) else {
+                break;
+            };
+            let before = g.retained_bytes;
+            g.drop_oldest();
+            let after = g.retained_bytes;
+            self.retained.resize(&victim, before, after);
+        }
+    }
+
+    /// Payload bytes all groups retain together.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained.total
+    }
+
     fn authenticate(&self, client_id: u64, token_hash: &str) -> Result<&ClientRecord, Rejected> {
         match self.clients.get(&client_id) {
             // Constant time: how long a refusal takes says nothing about the stored hash.
@@ -293,6 +396,7 @@ impl Groups {
                     max: limits.max_members_per_group,
                 });
             }
+            let before = g.retained_bytes;
             let at = g.event(Kind::Joined, client_id, &name, limits);
             g.members.insert(
                 client_id,
@@ -306,6 +410,7 @@ impl Groups {
             if let Some(c) = self.clients.get_mut(&client_id) {
                 c.groups.insert(group.to_string());
             }
+            self.retained_changed(group, before, limits);
         }
         let g = &self.groups[group];
         Ok(Joined {
@@ -389,11 +494,13 @@ impl Groups {
         };
         // Sender state stays: a stale Send from before a leave cannot pass for a new one
         // after a rejoin.
+        let before = g.retained_bytes;
         g.event(kind, client_id, &member.name, limits);
         touched.push(group.to_string());
         if let Some(c) = self.clients.get_mut(&client_id) {
             c.groups.remove(group);
         }
+        self.retained_changed(group, before, limits);
     }
 
     pub fn send(
@@ -434,6 +541,7 @@ impl Groups {
             kind: Kind::Message,
             payload: req.payload.clone(),
         };
+        let before = g.retained_bytes;
         let group_seq = g.append(d, limits);
         let sender = g.senders.get_mut(&req.client_id).expect("inserted above");
         sender.recent.push_back((req.sender_seq, group_seq));
@@ -444,6 +552,7 @@ impl Groups {
             c.sent_to.insert(req.group.clone());
         }
         touched.push(req.group.clone());
+        self.retained_changed(&req.group, before, limits);
         Ok(Sent {
             group_seq,
             duplicate: false,
@@ -519,6 +628,7 @@ mod tests {
         max_members_per_group: 2,
         retain_messages: 3,
         retain_bytes: 1 << 20,
+        retain_total_bytes: 1 << 20,
     };
 
     fn send(
@@ -661,6 +771,110 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![4, 5]
         );
+    }
+
+    #[test]
+    fn all_groups_together_keep_at_most_retain_total_bytes_the_largest_giving_first() {
+        let limits = GroupLimits {
+            max_groups: 3,
+            retain_messages: 100,
+            retain_bytes: 100,
+            retain_total_bytes: 150,
+            ..LIMITS
+        };
+        let mut g = Groups::default();
+        let me = g.register("alice", &hash_token("ta"), &limits).unwrap();
+        // Sender seqs count per group.
+        let mut sender_seqs = BTreeMap::<String, u64>::new();
+        let mut send_to = |g: &mut Groups, group: &str, bytes: usize| {
+            let seq = sender_seqs.entry(group.to_string()).or_default();
+            *seq += 1;
+            let req = SendRequest {
+                client_id: me,
+                token_hash: hash_token("ta"),
+                group: group.into(),
+                sender_seq: *seq,
+                payload: vec![0; bytes],
+            };
+            g.send(&req, &limits, &mut Vec::new()).unwrap();
+        };
+        let kept = |g: &Groups, group: &str| {
+            let slice = g.read(group, 0, usize::MAX, usize::MAX).unwrap();
+            let seqs: Vec<u64> = slice.deliveries.iter().map(|d| d.group_seq).collect();
+            let bytes: usize = slice.deliveries.iter().map(|d| d.payload.len()).sum();
+            (seqs, bytes)
+        };
+        for group in ["a", "b"] {
+            g.join(me, &hash_token("ta"), group, &limits, &mut Vec::new())
+                .unwrap();
+        }
+        for _ in 0..10 {
+            send_to(&mut g, "a", 10);
+        }
+        assert_eq!(kept(&g, "a").1, 100);
+        for _ in 0..6 {
+            send_to(&mut g, "b", 10);
+        }
+        // 160 bytes sent; "a", retaining the most, gave its oldest message.
+        assert_eq!(g.retained_bytes(), 150);
+        // (group_seq 1 of each group is the join; "a" gave it too, being older.)
+        assert_eq!(kept(&g, "a"), ((3..=11).collect(), 90));
+        assert_eq!(kept(&g, "b"), ((1..=7).collect(), 60));
+        // A subscriber starting from the dropped message is told where history begins.
+        assert_eq!(g.read("a", 2, 10, usize::MAX).unwrap().oldest, 3);
+
+        // The two even out; on a tie the later name gives first.
+        for _ in 0..4 {
+            send_to(&mut g, "b", 10);
+        }
+        assert_eq!(g.retained_bytes(), 150);
+        assert_eq!(kept(&g, "a").1, 80);
+        assert_eq!(kept(&g, "b").1, 70);
+
+        // A snapshot read back counts the same.
+        let reread: Groups =
+            crate::raft::codec::decode(&crate::raft::codec::encode(&g).unwrap()).unwrap();
+        assert_eq!(reread, g);
+        assert_eq!(reread.retained_bytes(), 150);
+    }
+
+    #[test]
+    fn limits_logged_before_the_total_existed_read_as_no_total() {
+        let old = r#"{"max_clients":1,"max_groups":2,"max_members_per_group":3,"retain_messages":4,"retain_bytes":5}"#;
+        let limits: GroupLimits = crate::raft::codec::decode(old.as_bytes()).unwrap();
+        assert_eq!(limits.retain_total_bytes, u64::MAX);
+        assert_eq!(limits.retain_bytes, 5);
+    }
+
+    #[test]
+    fn every_group_keeps_its_newest_message_whatever_the_total() {
+        let limits = GroupLimits {
+            max_groups: 3,
+            retain_messages: 100,
+            retain_bytes: 100,
+            retain_total_bytes: 100,
+            ..LIMITS
+        };
+        let mut g = Groups::default();
+        let me = g.register("alice", &hash_token("ta"), &limits).unwrap();
+        for group in ["a", "b", "c"] {
+            g.join(me, &hash_token("ta"), group, &limits, &mut Vec::new())
+                .unwrap();
+            let req = SendRequest {
+                client_id: me,
+                token_hash: hash_token("ta"),
+                group: group.into(),
+                sender_seq: 1,
+                payload: vec![0; 100],
+            };
+            g.send(&req, &limits, &mut Vec::new()).unwrap();
+        }
+        // Over the total, but each group holds one message: nothing more goes.
+        assert_eq!(g.retained_bytes(), 300);
+        for group in ["a", "b", "c"] {
+            let slice = g.read(group, 0, usize::MAX, usize::MAX).unwrap();
+            assert_eq!(slice.deliveries.len(), 1, "{group}");
+        }
     }
 
     #[test]
