@@ -455,7 +455,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_code(
         c.subscribe(&a, "g", 1).await,
         Code::OutOfRange,
-        "(6; retain_messages)",
+        "(6; retain_messages, retain_bytes, retain_total_bytes)",
     );
     let mut stream = c.subscribe(&a, "g", 6).await.unwrap();
     assert_eq!(stream.message().await.unwrap().unwrap().group_seq, 6);
