@@ -234,6 +234,22 @@ fn bench(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&stdout(&client(cluster, &all))).unwrap()
 }
 
+/// The send bench registers a client per caller; it must keep them all alive under a short
+/// failure timeout, or the server rightly removes them mid-run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_send_keeps_its_clients_alive_under_a_short_failure_timeout() {
+    let mut cluster = Cluster::builder(sibling_binary(CLIENT, "server"))
+        .steady()
+        .set("client_heartbeat_interval_ms", 100)
+        .start()
+        .unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    let r = bench(&cluster, &["--mode", "send", "--concurrency", "32"]);
+    assert_eq!(r["violations"], 0, "{r}");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_throughput_latency_and_checks_what_it_got() {
     let mut cluster = cluster().await;

@@ -109,10 +109,30 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut subscribers = Vec::new();
     if opts.mode == Mode::Send {
         let first = &clients[0][0];
-        let watcher = Identity::from(&first.register("bench-watcher").await?);
+        let registered = first.register("bench-watcher").await?;
+        let watcher = Identity::from(&registered);
+        // Every bench identity heartbeats from its registration on, all of them at once and
+        // four times per interval: one after another, hundreds of heartbeats on a loaded
+        // machine outlast the failure timeout, and the server removes the bench's own clients.
+        let beat_every = Duration::from_millis(u64::from(registered.heartbeat_interval_ms) / 4);
+        let alive = Arc::new(std::sync::Mutex::new(vec![watcher.clone()]));
+        {
+            let (client, alive, stop) = (first.clone(), alive.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let all = alive.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    futures::future::join_all(all.iter().map(|me| client.heartbeat(me))).await;
+                    tokio::time::sleep(beat_every).await;
+                }
+            });
+        }
         first.join(&watcher, &group).await?;
         for i in 0..opts.concurrency {
             let me = Identity::from(&first.register(&format!("bench-{i}")).await?);
+            alive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(me.clone());
             first.join(&me, &group).await?;
             identities.push(me);
         }
@@ -124,19 +144,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 stop.clone(),
             )));
         }
-        // Keep every bench identity alive while it runs.
-        let alive = clients[0][0].clone();
-        let mut all = identities.clone();
-        all.push(watcher);
-        let stop_hb = stop.clone();
-        tokio::spawn(async move {
-            while !stop_hb.load(Ordering::Relaxed) {
-                for me in &all {
-                    let _ = alive.heartbeat(me).await;
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        });
     }
 
     // The key etcd puts to and Redis increments: fresh for each run.
