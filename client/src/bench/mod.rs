@@ -114,7 +114,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         // Every bench identity heartbeats from its registration on, all of them at once and
         // four times per interval: one after another, hundreds of heartbeats on a loaded
         // machine outlast the failure timeout, and the server removes the bench's own clients.
-        let beat_every = Duration::from_millis(u64::from(registered.heartbeat_interval_ms) / 4);
+        let beat_every = Duration::from_millis(u64::from(registered.heartbeat_interval_ms) / 4)
+            .max(Duration::from_millis(1));
         let alive = Arc::new(std::sync::Mutex::new(vec![watcher.clone()]));
         {
             let (client, alive, stop) = (first.clone(), alive.clone(), stop.clone());

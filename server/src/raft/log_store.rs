@@ -5,10 +5,11 @@
 //! redb calls block, so they run on the blocking pool. The newest entries also stay in memory
 //! after their append, since replication and apply read each one back at once.
 //!
-//! The log is never purged past the stored snapshot (in its own file, next to the log's). openraft 0.9 issues the purge that follows a snapshot install without waiting for the
-//! state machine to finish installing it; a crash in between left a purged log and no snapshot,
-//! and openraft then refuses to start. So a purge waits for the stored snapshot to cover it,
-//! and fails when the save of that snapshot failed.
+//! The log is never purged past the stored snapshot (in its own file, next to the log's).
+//! openraft 0.9 issues the purge that follows a snapshot install without waiting for the state
+//! machine to finish installing it; a crash in between left a purged log and no snapshot, and
+//! openraft then refuses to start. So a purge waits for the stored snapshot to cover it, and
+//! fails when the save of that snapshot failed.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -148,40 +149,39 @@ impl LogStore {
     async fn wait_for_snapshot_covering(&self, upto: LogId) -> StResult<()> {
         let at_or_past = |l: Option<LogId>| l.map(|l| l.index) >= Some(upto.index);
         let mut saved = self.snapshot.clone();
-        let mut waited = Duration::ZERO;
-        // Warn once the wait is long; give up at the limit, or at once if the snapshot that
-        // would cover the purge failed to save (the node is about to stop on that error).
-        for wait in [Duration::from_secs(1), PURGE_WAIT_LIMIT] {
-            let done = saved.wait_for(|s| at_or_past(s.covers) || at_or_past(s.failed));
-            match tokio::time::timeout(wait, done).await {
-                Ok(Ok(s)) if at_or_past(s.covers) => return Ok(()),
-                Ok(Ok(_)) => {
-                    return Err(write_err(std::io::Error::other(format!(
-                        "refusing to purge the log up to index {}: the snapshot covering it \
-                         failed to save",
-                        upto.index
-                    ))))
-                }
-                Ok(Err(_)) => {
-                    return Err(write_err(std::io::Error::other(
-                        "the snapshot store closed while a purge waited for it",
-                    )))
-                }
-                Err(_) if waited.is_zero() => {
-                    tracing::warn!(
-                        upto = upto.index,
-                        "purge waiting for the snapshot to be stored"
-                    );
-                }
-                Err(_) => {}
+        // Done once a snapshot covering the purge is stored, or its save failed (the node is
+        // about to stop on that error).
+        let done = saved.wait_for(|s| at_or_past(s.covers) || at_or_past(s.failed));
+        tokio::pin!(done);
+        let warn_after = Duration::from_secs(1);
+        // Copied out of the watch's guard, which must not live across the next wait.
+        let first = tokio::time::timeout(warn_after, &mut done)
+            .await
+            .map(|res| res.map(|s| *s));
+        let res = match first {
+            Ok(res) => Ok(res),
+            Err(_) => {
+                tracing::warn!(
+                    upto = upto.index,
+                    "purge waiting for the snapshot to be stored"
+                );
+                tokio::time::timeout(PURGE_WAIT_LIMIT - warn_after, done)
+                    .await
+                    .map(|res| res.map(|s| *s))
             }
-            waited += wait;
-        }
+        };
+        let why = match res {
+            Ok(Ok(s)) if at_or_past(s.covers) => return Ok(()),
+            Ok(Ok(_)) => "the snapshot covering it failed to save".to_string(),
+            Ok(Err(_)) => "the snapshot store closed while the purge waited".to_string(),
+            Err(_) => format!(
+                "no snapshot covering it was stored within {} s",
+                PURGE_WAIT_LIMIT.as_secs()
+            ),
+        };
         Err(write_err(std::io::Error::other(format!(
-            "refusing to purge the log up to index {}: no snapshot covering it was stored \
-             within {} s",
-            upto.index,
-            waited.as_secs()
+            "refusing to purge the log up to index {}: {why}",
+            upto.index
         ))))
     }
 

@@ -1,5 +1,5 @@
 //! openraft's view of our state machine: applies committed entries to [`State`], builds and
-//! installs snapshots, and keeps the latest snapshot durable in its own redb file.
+//! installs snapshots, and keeps the latest snapshot durable in its own file (`snapshot_file.rs`).
 //!
 //! The applied state itself lives in memory. After a restart it is rebuilt from the persisted
 //! snapshot, and openraft replays the log entries that follow it.
