@@ -1,5 +1,9 @@
 //! `client`: the command line over the client library.
 
+// As in the server: the load generator shares the cores with the nodes it measures.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod certs;
 mod groups;

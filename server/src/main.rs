@@ -3,6 +3,11 @@
 
 mod launcher;
 
+// glibc's malloc and free took about 8 % of a node's CPU; with mimalloc a log entry costs
+// about a fifth less CPU (BENCHMARKS.md, "What was tried").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
