@@ -73,3 +73,20 @@ impl DataDir {
             .map_err(|e| io("restricting", &file, e))
     }
 }
+
+/// Creates (or empties) `path` for writing, readable by this user only.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Renames the synced file `tmp` to `name` in `dir` and syncs the dir, so the new file is
+/// there whole after a crash, or the old one is.
+pub(crate) fn replace_durably(dir: &Path, tmp: &Path, name: &str) -> std::io::Result<()> {
+    std::fs::rename(tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}

@@ -1,9 +1,14 @@
 //! The Raft log and vote on redb.
 //!
-//! Every write commits a redb transaction with `Durability::Immediate` (fsync) before it is
-//! reported done: openraft counts an append as persisted, and a vote as cast, only then.
-//! redb calls block, so they run on the blocking pool. The newest entries also stay in memory
-//! after their append, since replication and apply read each one back at once.
+//! An append is durable once its record in the journal (`journal.rs`) is synced; it is then
+//! committed to redb without a sync, readable at once, and made durable by the next durable
+//! commit. Every other write (vote, truncate, purge) commits with `Durability::Immediate`
+//! (fsync) before it is reported done, which makes every earlier commit durable too, and the
+//! journal starts over with it. openraft counts an append as persisted, and a vote as cast,
+//! only then. At start the journal's appends are committed again, durably.
+//!
+//! redb and the journal block, so they run on the blocking pool. The newest entries also stay
+//! in memory after their append, since replication and apply read each one back at once.
 //!
 //! The log is never purged past the stored snapshot (in its own file, next to the log's).
 //! openraft 0.9 issues the purge that follows a snapshot install without waiting for the state
@@ -14,24 +19,28 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{Entry, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::watch;
 
 use super::codec::{decode, encode};
-use super::snapshot_file::Saved;
-use super::{LogId, NodeId, TypeConfig};
+use super::journal::{Journal, Rows};
+use super::snapshot_file::{ReadError, Saved};
+use super::{LogId, NodeId, TypeConfig, LOG_FILE};
 use crate::error::Error;
 
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const LAST_PURGED: &str = "last_purged";
+/// The journal generation whose records are not yet durable in redb.
+const JOURNAL_GENERATION: &str = "journal_generation";
 /// How long a purge waits for the state machine to store the snapshot that covers it.
 const PURGE_WAIT_LIMIT: Duration = Duration::from_secs(60);
 /// Most entries, and most encoded bytes, kept in memory after their append.
@@ -119,22 +128,48 @@ pub struct LogStore {
     /// Off only for openraft's storage suite, which purges with no snapshot at all.
     purge_waits_for_snapshot: bool,
     recent: Arc<Mutex<Recent>>,
+    /// Held by every write, on the blocking pool, so appends and durable commits take turns.
+    journal: Arc<Mutex<Journal>>,
 }
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
 
 impl LogStore {
-    pub(super) fn open(db: Arc<Database>, snapshot: watch::Receiver<Saved>) -> Result<Self, Error> {
-        let txn = db.begin_write().map_err(internal)?;
-        txn.open_table(LOGS).map_err(internal)?;
-        txn.open_table(META).map_err(internal)?;
-        txn.commit().map_err(internal)?;
+    /// Opens the log of the data dir `dir` and commits what its journal holds durably, so the
+    /// journal starts empty. Blocks.
+    pub(super) fn open(
+        db: Arc<Database>,
+        dir: &Path,
+        snapshot: watch::Receiver<Saved>,
+    ) -> Result<Self, ReadError> {
+        let redb_err = |e: redb::Error| ReadError::Io {
+            path: dir.join(LOG_FILE).display().to_string(),
+            source: std::io::Error::other(e),
+        };
+        let txn = db.begin_write().map_err(|e| redb_err(e.into()))?;
+        txn.open_table(LOGS).map_err(|e| redb_err(e.into()))?;
+        txn.open_table(META).map_err(|e| redb_err(e.into()))?;
+        txn.commit().map_err(|e| redb_err(e.into()))?;
+        let meta_err = |e| redb_err(redb::Error::Io(e));
+        let generation: Option<u64> = meta_in(&db, JOURNAL_GENERATION).map_err(meta_err)?;
+        let purged: Option<LogId> = meta_in(&db, LAST_PURGED).map_err(meta_err)?;
+        let purged = purged.map(|l| l.index);
+        let (mut journal, records) =
+            Journal::open(dir, generation.unwrap_or(0), generation.is_some())?;
+        let rows: Rows = records.into_iter().flatten().collect();
+        let last = last_index(&db).map_err(redb_err)?.or(purged);
+        check_follows(&rows, last, purged).map_err(ReadError::Damaged)?;
+        checkpoint(&db, &mut journal, |txn| insert_rows(txn, &rows)).map_err(redb_err)?;
+        if let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) {
+            tracing::info!(first, last, "committed the journal's log entries to redb");
+        }
         Ok(Self {
             db,
             snapshot,
             committed: Arc::new(AtomicU64::new(0)),
             purge_waits_for_snapshot: true,
             recent: Arc::default(),
+            journal: Arc::new(Mutex::new(journal)),
         })
     }
 
@@ -201,31 +236,21 @@ impl LogStore {
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> StResult<Option<T>> {
-        let txn = self.db.begin_read().map_err(read_err)?;
-        let table = txn.open_table(META).map_err(read_err)?;
-        match table.get(key).map_err(read_err)? {
-            Some(v) => Ok(Some(decode(v.value()).map_err(read_err)?)),
-            None => Ok(None),
-        }
+        meta_in(&self.db, key).map_err(read_err)
     }
 
-    /// Runs a write transaction on the blocking pool and commits it durably.
+    /// Commits what `f` writes durably, on the blocking pool.
     async fn write<F>(&self, f: F) -> Result<(), redb::Error>
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_write()?;
-            f(&txn)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?
+        let (db, journal) = (self.db.clone(), self.journal.clone());
+        tokio::task::spawn_blocking(move || checkpoint(&db, &mut lock(&journal), f))
+            .await
+            .map_err(|e| redb::Error::Io(std::io::Error::other(e)))?
     }
 
-    /// Writes `entries` in one durable transaction, then keeps them in memory.
+    /// Writes `entries` durably, then keeps them in memory.
     async fn append_durably(
         &self,
         entries: impl IntoIterator<Item = Entry<TypeConfig>>,
@@ -238,20 +263,97 @@ impl LogStore {
             appended.push((entry, bytes.len()));
             rows.push((index, bytes));
         }
-        self.write(move |txn| {
-            let mut table = txn.open_table(LOGS)?;
-            for (index, bytes) in &rows {
-                table.insert(*index, bytes.as_slice())?;
+        let (db, journal) = (self.db.clone(), self.journal.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut journal = lock(&journal);
+            if !journal.fits(&rows) {
+                return checkpoint(&db, &mut journal, |txn| insert_rows(txn, &rows));
             }
+            journal.append(&rows)?;
+            // Durable already; redb makes the rows readable, and durable at its next sync.
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::None)?;
+            insert_rows(&txn, &rows)?;
+            txn.commit()?;
             Ok(())
         })
-        .await?;
+        .await
+        .map_err(|e| redb::Error::Io(std::io::Error::other(e)))??;
         let mut recent = self.recent();
         for (entry, size) in appended {
             recent.push(entry, size);
         }
         Ok(())
     }
+}
+
+fn lock(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+    journal.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Commits what `f` writes with `Durability::Immediate`. That makes every earlier commit
+/// durable too, so in the same transaction the journal moves to a new generation. Blocks.
+fn checkpoint<F>(db: &Database, journal: &mut Journal, f: F) -> Result<(), redb::Error>
+where
+    F: FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+{
+    let next = journal.generation() + 1;
+    let txn = db.begin_write()?;
+    f(&txn)?;
+    let bytes = encode(&next).map_err(|e| redb::Error::Io(std::io::Error::other(e)))?;
+    txn.open_table(META)?
+        .insert(JOURNAL_GENERATION, bytes.as_slice())?;
+    txn.commit()?;
+    journal.restart(next);
+    Ok(())
+}
+
+fn insert_rows(txn: &redb::WriteTransaction, rows: &[(u64, Vec<u8>)]) -> Result<(), redb::Error> {
+    let mut table = txn.open_table(LOGS)?;
+    for (index, bytes) in rows {
+        table.insert(*index, bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+fn meta_in<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> std::io::Result<Option<T>> {
+    fn io(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> std::io::Error {
+        std::io::Error::other(e)
+    }
+    let txn = db.begin_read().map_err(io)?;
+    let table = txn.open_table(META).map_err(io)?;
+    match table.get(key).map_err(io)? {
+        Some(v) => Ok(Some(decode(v.value()).map_err(io)?)),
+        None => Ok(None),
+    }
+}
+
+/// The index of the last entry in the log table.
+fn last_index(db: &Database) -> Result<Option<u64>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(LOGS)?;
+    let last = table.last()?.map(|(k, _)| k.value());
+    Ok(last)
+}
+
+/// Checks that journaled rows continue a log ending at `last` with no hole, past the purge.
+fn check_follows(
+    rows: &[(u64, Vec<u8>)],
+    last: Option<u64>,
+    purged: Option<u64>,
+) -> Result<(), String> {
+    let mut last = last.unwrap_or(0);
+    for &(index, _) in rows {
+        if index > last + 1 || Some(index) <= purged {
+            return Err(format!(
+                "holds log index {index}, which does not continue the log in {LOG_FILE} (last \
+                 index {last}, purged up to {})",
+                purged.unwrap_or(0)
+            ));
+        }
+        last = last.max(index);
+    }
+    Ok(())
 }
 
 /// The commit index as last reported by openraft (not persisted; for status only).
@@ -265,10 +367,6 @@ impl CommitIndex {
             n => Some(n - 1),
         }
     }
-}
-
-fn internal(e: impl Into<redb::Error>) -> Error {
-    Error::Internal(format!("log store: {}", e.into()))
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -503,6 +601,93 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_crash_keeps_the_journaled_appends_and_nothing_truncated() {
+        use crate::raft::{JOURNAL_FILE, LOG_FILE, STORE_MARKER};
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (mut log, _sm) = crate::raft::open_store(&data).unwrap();
+        let entry = |term, index| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        };
+        log.append_durably((1..=5).map(|i| entry(1, i)))
+            .await
+            .unwrap();
+        // A durable commit: the journal starts a new generation, so 3..=5 never come back.
+        log.truncate(entry(1, 3).log_id).await.unwrap();
+        log.append_durably([entry(2, 3)]).await.unwrap();
+        log.append_durably([entry(2, 4)]).await.unwrap();
+
+        // kill -9 now: the files as the kernel holds them.
+        let crashed = tempfile::tempdir().unwrap();
+        for name in [LOG_FILE, JOURNAL_FILE, STORE_MARKER] {
+            std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
+        }
+        // redb alone rolls back to its last durable commit; the journal has the rest.
+        let on_disk: Vec<u64> = {
+            let db = redb::Database::create(crashed.path().join(LOG_FILE)).unwrap();
+            let txn = db.begin_read().unwrap();
+            let table = txn.open_table(LOGS).unwrap();
+            let keys = table
+                .iter()
+                .unwrap()
+                .map(|r| r.unwrap().0.value())
+                .collect();
+            keys
+        };
+        assert_eq!(on_disk, vec![1, 2]);
+        let data = crate::datadir::DataDir::lock(crashed.path()).unwrap();
+        let (mut log, _sm) = crate::raft::open_store(&data).unwrap();
+        let read = log.try_get_log_entries(1..=10).await.unwrap();
+        let ids: Vec<LogId> = read.iter().map(|e| e.log_id).collect();
+        let expected: Vec<LogId> = [entry(1, 1), entry(1, 2), entry(2, 3), entry(2, 4)]
+            .iter()
+            .map(|e| e.log_id)
+            .collect();
+        assert_eq!(ids, expected);
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(entry(2, 4).log_id));
+    }
+
+    #[test]
+    fn journaled_rows_must_continue_the_log() {
+        let rows = |indexes: &[u64]| indexes.iter().map(|&i| (i, Vec::new())).collect::<Vec<_>>();
+        assert!(check_follows(&rows(&[2, 3]), Some(1), None).is_ok());
+        assert!(check_follows(&rows(&[1]), None, None).is_ok());
+        assert!(check_follows(&rows(&[7, 8]), Some(6), Some(6)).is_ok());
+        // Rewriting the tail is what an append after a truncate does.
+        assert!(check_follows(&rows(&[4, 5]), Some(5), None).is_ok());
+        for (rows, last, purged) in [
+            (rows(&[3]), Some(1), None),
+            (rows(&[2, 4]), Some(1), None),
+            (rows(&[2]), None, None),
+            (rows(&[6]), Some(6), Some(6)),
+        ] {
+            let err = check_follows(&rows, last, purged).unwrap_err();
+            assert!(err.contains("does not continue the log"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_journal_is_refused_and_stays_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+            let (log, _sm) = crate::raft::open_store(&data).unwrap();
+            log.append_durably(blanks(1..=3)).await.unwrap();
+        }
+        std::fs::remove_file(dir.path().join(crate::raft::JOURNAL_FILE)).unwrap();
+        for attempt in ["first", "second"] {
+            match contents(dir.path()).await {
+                Err(Error::Corrupt(msg)) => {
+                    assert!(msg.contains("raft.journal"), "{attempt}: {msg}")
+                }
+                other => panic!("{attempt} start after the loss: {:?}", other.map(|_| ())),
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn reads_give_the_entries_last_written_whether_from_memory_or_disk() {
         let dir = tempfile::tempdir().unwrap();
         let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
@@ -584,12 +769,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_flipped_or_truncated_store_is_refused_or_reads_exactly_as_written() {
+        use crate::raft::{JOURNAL_FILE, LOG_FILE, SNAPSHOT_FILE};
         use crate::state::{AllocRequest, Command};
         let dir = tempfile::tempdir().unwrap();
-        {
-            let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
-            let (mut log, mut sm) = crate::raft::open_store(&data).unwrap();
-            let entries = (1..=400)
+        let entries = |range: std::ops::RangeInclusive<u64>| {
+            range
                 .map(|i| Entry::<TypeConfig> {
                     log_id: log_id(i),
                     payload: EntryPayload::Normal(Command::Allocate {
@@ -600,37 +784,75 @@ mod tests {
                         max_sequences: 100,
                     }),
                 })
-                .collect();
-            put_entries(&log, entries).await;
+                .collect::<Vec<_>>()
+        };
+        // The journal's last record, which a crash may have cut short: dropped, not refused
+        // (the journal's own test covers it).
+        let last_record = {
+            let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+            let (mut log, mut sm) = crate::raft::open_store(&data).unwrap();
+            put_entries(&log, entries(1..=400)).await;
             log.save_vote(&Vote::new_committed(7, 2)).await.unwrap();
             install_snapshot_upto(&mut sm, 100).await;
-        }
-        let original = contents(dir.path()).await.unwrap();
-        let files = [crate::raft::LOG_FILE, crate::raft::SNAPSHOT_FILE]
+            // Appends since the last durable commit, left in the journal as by a crash.
+            for first in (401..=440).step_by(8) {
+                log.append_durably(entries(first..=first + 7))
+                    .await
+                    .unwrap();
+            }
+            let before = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+            log.append_durably(entries(441..=443)).await.unwrap();
+            let after = std::fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+            let changed: Vec<usize> = (0..after.len())
+                .filter(|&i| before[i] != after[i])
+                .collect();
+            changed[0]..changed[changed.len() - 1] + 1
+        };
+        // Read before any open: an open commits the journal to redb and starts it over.
+        let files = [LOG_FILE, SNAPSHOT_FILE, JOURNAL_FILE]
             .map(|name| (name, std::fs::read(dir.path().join(name)).unwrap()));
+        let copy_of = |damaged: &str, bytes: &[u8]| {
+            let copy = tempfile::tempdir().unwrap();
+            for (name, file) in &files {
+                let bytes = if *name == damaged { bytes } else { file };
+                std::fs::write(copy.path().join(name), bytes).unwrap();
+            }
+            copy
+        };
+        let original = contents(copy_of("", &[]).path()).await.unwrap();
+        assert!(
+            original.contains(r#""index":443"#),
+            "the journal was not replayed"
+        );
 
         let mut refused = std::collections::HashMap::<&str, usize>::new();
         let mut intact = 0;
         // (file to damage, its damaged bytes, what was done, must it be refused)
         let mut cases: Vec<(&str, Vec<u8>, String, bool)> = Vec::new();
         for (name, file) in &files {
-            // redb's pages are 4 KiB; the snapshot file is a few hundred bytes here.
-            let (page_size, inners) = match *name {
-                crate::raft::LOG_FILE => (4096, vec![40, 2100]),
-                _ => (16, vec![5]),
+            let flips: Vec<usize> = match *name {
+                // redb's pages are 4 KiB.
+                LOG_FILE => (0..file.len())
+                    .step_by(4096)
+                    .flat_map(|page| [page + 40, page + 2100])
+                    .collect(),
+                // The live records, and what older generations and the zero fill left.
+                JOURNAL_FILE => (0..last_record.start)
+                    .step_by(44)
+                    .chain((last_record.end..file.len()).step_by(1 << 20))
+                    .collect(),
+                // The snapshot file is a few hundred bytes here.
+                _ => (0..file.len()).step_by(16).map(|at| at + 5).collect(),
             };
-            for page in (0..file.len()).step_by(page_size) {
-                for &inner in &inners {
-                    let at = page + inner;
-                    if at + 4 > file.len() {
-                        continue;
-                    }
-                    let mut bytes = file.clone();
-                    for b in &mut bytes[at..at + 4] {
-                        *b ^= 0x5a;
-                    }
-                    cases.push((name, bytes, format!("{name}: bytes flipped at {at}"), false));
+            for at in flips {
+                if at + 4 > file.len() {
+                    continue;
                 }
+                let mut bytes = file.clone();
+                for b in &mut bytes[at..at + 4] {
+                    *b ^= 0x5a;
+                }
+                cases.push((name, bytes, format!("{name}: bytes flipped at {at}"), false));
             }
             let lens = [0, 100, 4096, file.len() / 2, file.len() - 1];
             for len in lens.into_iter().filter(|&len| len < file.len()) {
@@ -643,11 +865,7 @@ mod tests {
             }
         }
         for (damaged, bytes, what, must_refuse) in cases {
-            let copy = tempfile::tempdir().unwrap();
-            for (name, file) in &files {
-                let bytes = if *name == damaged { &bytes } else { file };
-                std::fs::write(copy.path().join(name), bytes).unwrap();
-            }
+            let copy = copy_of(damaged, &bytes);
             match contents(copy.path()).await {
                 Err(Error::Corrupt(msg)) => {
                     assert!(msg.contains(damaged), "{what}: unclear message {msg}");
@@ -670,7 +888,7 @@ mod tests {
                 }
             }
         }
-        // The sweep must have hit live pages of both files, or it proves nothing.
+        // The sweep must have hit live parts of every file, or it proves nothing.
         for (name, _) in &files {
             let n = refused.get(name).copied().unwrap_or_default();
             assert!(

@@ -9,6 +9,7 @@
 pub mod election;
 #[cfg(test)]
 mod fuzz_test;
+mod journal;
 pub mod log_store;
 pub mod network;
 mod snapshot_file;
@@ -47,6 +48,9 @@ pub const DAMAGED: &str = "DAMAGED";
 /// The log and the vote. Every append commits here, and redb lets one write transaction run at
 /// a time.
 pub const LOG_FILE: &str = "raft.redb";
+/// The log's journal: appends are durable once written and synced here, before redb holds
+/// them durably.
+pub const JOURNAL_FILE: &str = "raft.journal";
 /// The latest snapshot, a plain file of its own: in the log's redb file, writing a large
 /// snapshot held redb's one writer, and every append waited behind it.
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -108,7 +112,11 @@ pub fn open_store(
     if state_machine::move_snapshot(&log_db, &file)? {
         stored = file.load().map_err(snapshot_err)?;
     }
-    let log = log_store::LogStore::open(log_db, file.saved())?;
+    let log = log_store::LogStore::open(log_db, dir.path(), file.saved()).map_err(|e| match e {
+        snapshot_file::ReadError::Damaged(why) => corrupt(JOURNAL_FILE, why),
+        e => Error::Internal(e.to_string()),
+    })?;
+    dir.protect(JOURNAL_FILE)?;
     let sm = state_machine::StateMachine::open(file, stored)?;
     // The purge guard keeps this from happening while the files are intact.
     let purged = log.last_purged()?.map(|l| l.index);

@@ -6,9 +6,7 @@
 //! is read. Layout: `SEQSNAP1`, the metadata's length (u32, little endian), the metadata
 //! (JSON), the encoded state, the SHA-256.
 
-use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -18,6 +16,7 @@ use tokio::sync::watch;
 
 use super::codec::{decode, encode};
 use super::{LogId, NodeId, SNAPSHOT_FILE};
+use crate::datadir::{create_private, replace_durably};
 
 const TMP_FILE: &str = "snapshot.tmp";
 const MAGIC: &[u8; 8] = b"SEQSNAP1";
@@ -125,12 +124,7 @@ impl SnapshotFile {
         let meta_len = u32::try_from(meta.len()).map_err(std::io::Error::other)?;
         let mut sum = Sha256::new();
         let tmp = self.dir.join(TMP_FILE);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut file = create_private(&tmp)?;
         let mut write = |part: &[u8]| -> std::io::Result<()> {
             sum.update(part);
             for step in part.chunks(STEP) {
@@ -148,8 +142,7 @@ impl SnapshotFile {
         file.write_all(&sum.finalize())?;
         file.sync_all()?;
         drop(file);
-        std::fs::rename(&tmp, self.dir.join(SNAPSHOT_FILE))?;
-        File::open(&self.dir)?.sync_all()
+        replace_durably(&self.dir, &tmp, SNAPSHOT_FILE)
     }
 }
 
