@@ -67,6 +67,7 @@ pub async fn run(
     sm.set_node_id(id);
     let reader = sm.reader();
     let commit = log.commit_index();
+    let journal = log.clone();
     let peers = PeerClients::new(&config, id, tls.as_ref())?;
 
     let raft = Raft::new(
@@ -230,6 +231,10 @@ pub async fn run(
     while batchers.join_next().await.is_some() {}
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(node = id, error = %e, "raft shutdown");
+    }
+    // Raft appends nothing more: the next start has no journal to replay.
+    if let Err(e) = journal.flush_journal().await {
+        tracing::warn!(node = id, error = %e, "committing the journal to redb");
     }
     let _ = stop_peers.send(true);
     report(id, "peer", peer_task.await);

@@ -16,7 +16,8 @@
 //!
 //! Only the last record can be cut short by a crash, since each append is synced before the
 //! next is written: a record that does not read back whole ends the journal if nothing whole
-//! of its generation follows it, and is damage if something does.
+//! of its generation follows it, and is damage if something does. A whole record of a newer
+//! generation than redb names is damage too: redb fell back to an older commit.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -171,11 +172,13 @@ fn checksum(len: &[u8], generation: &[u8], payload: &[u8]) -> u32 {
     crc.finalize()
 }
 
-/// The whole record of `generation` at `at`, and where the next one starts.
-fn record_at(bytes: &[u8], at: usize, generation: u64) -> Option<(Rows, usize)> {
+/// The whole record at `at` if `wanted` takes its generation: the generation, the rows, and
+/// where the next record starts. The generation is checked first, as a cheap filter.
+fn record_at(bytes: &[u8], at: usize, wanted: impl Fn(u64) -> bool) -> Option<(u64, Rows, usize)> {
     let header = bytes.get(at..at.checked_add(HEADER)?)?;
     let word = |range: std::ops::Range<usize>| &header[range];
-    if u64::from_le_bytes(word(8..16).try_into().ok()?) != generation {
+    let generation = u64::from_le_bytes(word(8..16).try_into().ok()?);
+    if !wanted(generation) {
         return None;
     }
     let len = u32::from_le_bytes(word(0..4).try_into().ok()?) as usize;
@@ -188,7 +191,7 @@ fn record_at(bytes: &[u8], at: usize, generation: u64) -> Option<(Rows, usize)> 
         return None;
     }
     let rows = parse_rows(payload)?;
-    Some((rows, start + len.next_multiple_of(ALIGN)))
+    Some((generation, rows, start + len.next_multiple_of(ALIGN)))
 }
 
 fn parse_rows(mut payload: &[u8]) -> Option<Rows> {
@@ -204,17 +207,26 @@ fn parse_rows(mut payload: &[u8]) -> Option<Rows> {
 }
 
 /// The whole records of `generation` from the front, and where they end; damage if a whole
-/// record of it follows one that is not.
+/// record of it follows one that is not, or if the journal starts with a newer generation.
 fn live_records(bytes: &[u8], generation: u64) -> Result<(Vec<Rows>, usize), String> {
+    // Every generation starts at the front, and redb names the newest before any record of it
+    // is written. A newer one there means redb lost its newest commits (fell back to an older
+    // one after damage), and what was journaled since would be lost without a word.
+    if let Some((newer, _, _)) = record_at(bytes, 0, |g| g > generation) {
+        return Err(format!(
+            "starts with a record of generation {newer}, newer than generation {generation}, \
+             which raft.redb names (raft.redb lost its newest commits)"
+        ));
+    }
     let mut records = Vec::new();
     let mut end = 0;
-    while let Some((rows, next)) = record_at(bytes, end, generation) {
+    while let Some((_, rows, next)) = record_at(bytes, end, |g| g == generation) {
         records.push(rows);
         end = next;
     }
     let later = (end + ALIGN..bytes.len())
         .step_by(ALIGN)
-        .find(|&at| record_at(bytes, at, generation).is_some());
+        .find(|&at| record_at(bytes, at, |g| g == generation).is_some());
     if let Some(later) = later {
         return Err(format!(
             "has a damaged record at byte {end} followed by a whole one at byte {later}"
@@ -321,6 +333,24 @@ mod tests {
                 "{len} bytes"
             );
         }
+    }
+
+    #[test]
+    fn a_journal_newer_than_redb_says_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = Journal::open(dir.path(), 5, false).unwrap();
+        journal.append(&rows(1..=2)).unwrap();
+        drop(journal);
+        // raft.redb fell back to a commit that named an older generation.
+        for older in [0, 4] {
+            match Journal::open(dir.path(), older, true) {
+                Err(ReadError::Damaged(m)) => assert!(m.contains("generation 5"), "{m}"),
+                other => panic!("generation {older}: {:?}", other.map(|(_, r)| r)),
+            }
+        }
+        // An older generation at the front is what a new one leaves before its first record.
+        let (_, records) = Journal::open(dir.path(), 6, true).unwrap();
+        assert!(records.is_empty());
     }
 
     #[test]

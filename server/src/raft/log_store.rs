@@ -158,7 +158,8 @@ impl LogStore {
             Journal::open(dir, generation.unwrap_or(0), generation.is_some())?;
         let rows: Rows = records.into_iter().flatten().collect();
         let last = last_index(&db).map_err(redb_err)?.or(purged);
-        check_follows(&rows, last, purged).map_err(ReadError::Damaged)?;
+        let stored = |index| stored_row(&db, index).map_err(|e| e.to_string());
+        check_follows(&rows, last, purged, stored).map_err(ReadError::Damaged)?;
         checkpoint(&db, &mut journal, |txn| insert_rows(txn, &rows)).map_err(redb_err)?;
         if let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) {
             tracing::info!(first, last, "committed the journal's log entries to redb");
@@ -228,6 +229,14 @@ impl LogStore {
 
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
         self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits every journaled append to redb durably, so the journal is empty: for a
+    /// graceful stop, after which a start replays nothing.
+    pub async fn flush_journal(&self) -> Result<(), Error> {
+        self.write(|_| Ok(()))
+            .await
+            .map_err(|e| Error::Internal(format!("log store: {e}")))
     }
 
     /// A handle that reads the commit index this store last saw.
@@ -336,19 +345,39 @@ fn last_index(db: &Database) -> Result<Option<u64>, redb::Error> {
     Ok(last)
 }
 
-/// Checks that journaled rows continue a log ending at `last` with no hole, past the purge.
+/// The encoded entry at `index` in the log table.
+fn stored_row(db: &Database, index: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(LOGS)?;
+    let row = table.get(index)?.map(|v| v.value().to_vec());
+    Ok(row)
+}
+
+/// Checks that journaled rows continue a log ending at `last` with no hole, past the purge,
+/// and that a row redb already holds durably is the same: within one generation an append
+/// only repeats an entry that a clean close made durable. Another version of the server, run
+/// on this data dir after a crash, could have replaced the log's tail under the journal.
 fn check_follows(
     rows: &[(u64, Vec<u8>)],
     last: Option<u64>,
     purged: Option<u64>,
+    stored: impl Fn(u64) -> Result<Option<Vec<u8>>, String>,
 ) -> Result<(), String> {
+    let durable = last;
     let mut last = last.unwrap_or(0);
-    for &(index, _) in rows {
+    for (index, bytes) in rows {
+        let index = *index;
         if index > last + 1 || Some(index) <= purged {
             return Err(format!(
                 "holds log index {index}, which does not continue the log in {LOG_FILE} (last \
                  index {last}, purged up to {})",
                 purged.unwrap_or(0)
+            ));
+        }
+        if Some(index) <= durable && stored(index)?.as_ref() != Some(bytes) {
+            return Err(format!(
+                "holds log index {index}, which {LOG_FILE} holds with other contents (was the \
+                 data dir used by another version after a crash?)"
             ));
         }
         last = last.max(index);
@@ -623,9 +652,12 @@ mod tests {
         for name in [LOG_FILE, JOURNAL_FILE, STORE_MARKER] {
             std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
         }
-        // redb alone rolls back to its last durable commit; the journal has the rest.
+        // redb alone rolls back to its last durable commit; the journal has the rest. (Looked
+        // at in a copy of its own: opening it repairs it, and the store must see it unrepaired.)
+        let probe = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join(LOG_FILE), probe.path().join(LOG_FILE)).unwrap();
         let on_disk: Vec<u64> = {
-            let db = redb::Database::create(crashed.path().join(LOG_FILE)).unwrap();
+            let db = redb::Database::create(probe.path().join(LOG_FILE)).unwrap();
             let txn = db.begin_read().unwrap();
             let table = txn.open_table(LOGS).unwrap();
             let keys = table
@@ -649,22 +681,103 @@ mod tests {
         assert_eq!(state.last_log_id, Some(entry(2, 4).log_id));
     }
 
+    #[tokio::test]
+    async fn after_a_flush_redb_alone_holds_every_append() {
+        use crate::raft::{JOURNAL_FILE, LOG_FILE};
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (log, _sm) = crate::raft::open_store(&data).unwrap();
+        log.append_durably(blanks(1..=3)).await.unwrap();
+        log.flush_journal().await.unwrap();
+        // As a kill -9 would leave them, and without the journal's help.
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join(LOG_FILE), copy.path().join(LOG_FILE)).unwrap();
+        let db = redb::Database::create(copy.path().join(LOG_FILE)).unwrap();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(LOGS).unwrap();
+        let keys: Vec<u64> = table
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap().0.value())
+            .collect();
+        assert_eq!(keys, vec![1, 2, 3]);
+        // And the journal has nothing left to replay.
+        let generation: u64 = meta_in(&db, JOURNAL_GENERATION).unwrap().unwrap();
+        let (_, records) =
+            super::super::journal::Journal::open(dir.path(), generation, true).unwrap();
+        assert!(records.is_empty());
+        assert!(dir.path().join(JOURNAL_FILE).exists());
+    }
+
     #[test]
     fn journaled_rows_must_continue_the_log() {
-        let rows = |indexes: &[u64]| indexes.iter().map(|&i| (i, Vec::new())).collect::<Vec<_>>();
-        assert!(check_follows(&rows(&[2, 3]), Some(1), None).is_ok());
-        assert!(check_follows(&rows(&[1]), None, None).is_ok());
-        assert!(check_follows(&rows(&[7, 8]), Some(6), Some(6)).is_ok());
-        // Rewriting the tail is what an append after a truncate does.
-        assert!(check_follows(&rows(&[4, 5]), Some(5), None).is_ok());
-        for (rows, last, purged) in [
-            (rows(&[3]), Some(1), None),
-            (rows(&[2, 4]), Some(1), None),
-            (rows(&[2]), None, None),
-            (rows(&[6]), Some(6), Some(6)),
+        let rows = |indexes: &[u64]| {
+            indexes
+                .iter()
+                .map(|&i| (i, format!("entry {i}").into_bytes()))
+                .collect::<Vec<_>>()
+        };
+        // redb holds entries 1..=5 as the journal wrote them, and 6 otherwise.
+        let stored = |index: u64| {
+            Ok(match index {
+                1..=5 => Some(format!("entry {index}").into_bytes()),
+                6 => Some(b"another entry 6".to_vec()),
+                _ => None,
+            })
+        };
+        assert!(check_follows(&rows(&[2, 3]), Some(1), None, stored).is_ok());
+        assert!(check_follows(&rows(&[1]), None, None, stored).is_ok());
+        assert!(check_follows(&rows(&[7, 8]), Some(6), Some(6), stored).is_ok());
+        // A clean close made the journaled tail durable in redb too.
+        assert!(check_follows(&rows(&[4, 5, 6]), Some(5), None, stored).is_ok());
+        for (rows, last, purged, why) in [
+            (rows(&[3]), Some(1), None, "does not continue the log"),
+            (rows(&[2, 4]), Some(1), None, "does not continue the log"),
+            (rows(&[2]), None, None, "does not continue the log"),
+            (rows(&[6]), Some(6), Some(6), "does not continue the log"),
+            (rows(&[6, 7]), Some(6), None, "with other contents"),
         ] {
-            let err = check_follows(&rows, last, purged).unwrap_err();
-            assert!(err.contains("does not continue the log"), "{err}");
+            let err = check_follows(&rows, last, purged, stored).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_rewritten_under_the_journal_is_refused() {
+        use crate::raft::{JOURNAL_FILE, LOG_FILE, STORE_MARKER};
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (log, _sm) = crate::raft::open_store(&data).unwrap();
+        log.append_durably(blanks(1..=3)).await.unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        for name in [LOG_FILE, JOURNAL_FILE, STORE_MARKER] {
+            std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
+        }
+        // An earlier version, which knows no journal, ran after the crash and took other
+        // entries 1..=3 from a new primary.
+        {
+            let db = redb::Database::create(crashed.path().join(LOG_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(LOGS).unwrap();
+                for i in 1..=3u64 {
+                    let entry = Entry::<TypeConfig> {
+                        log_id: LogId::new(CommittedLeaderId::new(9, 2), i),
+                        payload: EntryPayload::Blank,
+                    };
+                    table.insert(i, encode(&entry).unwrap().as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        match contents(crashed.path()).await {
+            Err(Error::Corrupt(msg)) => {
+                assert!(
+                    msg.contains("raft.journal") && msg.contains("other contents"),
+                    "{msg}"
+                )
+            }
+            other => panic!("opened: {:?}", other.map(|_| ())),
         }
     }
 
