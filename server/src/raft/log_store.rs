@@ -596,6 +596,31 @@ mod tests {
             .collect()
     }
 
+    /// The store's files as a kill -9 now would leave them, in a dir of their own.
+    fn crash_copy(dir: &std::path::Path) -> tempfile::TempDir {
+        use crate::raft::{JOURNAL_FILE, LOG_FILE, STORE_MARKER};
+        let copy = tempfile::tempdir().unwrap();
+        for name in [LOG_FILE, JOURNAL_FILE, STORE_MARKER] {
+            std::fs::copy(dir.join(name), copy.path().join(name)).unwrap();
+        }
+        copy
+    }
+
+    /// The log indexes redb alone holds in `dir`, looked at in a copy: opening a file after a
+    /// crash repairs it, and the store must see it unrepaired.
+    fn redb_alone(dir: &std::path::Path) -> Vec<u64> {
+        let probe = crash_copy(dir);
+        let db = Database::create(probe.path().join(crate::raft::LOG_FILE)).unwrap();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(LOGS).unwrap();
+        let keys = table
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap().0.value())
+            .collect();
+        keys
+    }
+
     /// Everything a node reads from its store at start, as comparable text.
     async fn contents(dir: &std::path::Path) -> Result<String, Error> {
         let data = crate::datadir::DataDir::lock(dir)?;
@@ -631,7 +656,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_crash_keeps_the_journaled_appends_and_nothing_truncated() {
-        use crate::raft::{JOURNAL_FILE, LOG_FILE, STORE_MARKER};
         let dir = tempfile::tempdir().unwrap();
         let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
         let (mut log, _sm) = crate::raft::open_store(&data).unwrap();
@@ -647,27 +671,10 @@ mod tests {
         log.append_durably([entry(2, 3)]).await.unwrap();
         log.append_durably([entry(2, 4)]).await.unwrap();
 
-        // kill -9 now: the files as the kernel holds them.
-        let crashed = tempfile::tempdir().unwrap();
-        for name in [LOG_FILE, JOURNAL_FILE, STORE_MARKER] {
-            std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
-        }
-        // redb alone rolls back to its last durable commit; the journal has the rest. (Looked
-        // at in a copy of its own: opening it repairs it, and the store must see it unrepaired.)
-        let probe = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join(LOG_FILE), probe.path().join(LOG_FILE)).unwrap();
-        let on_disk: Vec<u64> = {
-            let db = redb::Database::create(probe.path().join(LOG_FILE)).unwrap();
-            let txn = db.begin_read().unwrap();
-            let table = txn.open_table(LOGS).unwrap();
-            let keys = table
-                .iter()
-                .unwrap()
-                .map(|r| r.unwrap().0.value())
-                .collect();
-            keys
-        };
-        assert_eq!(on_disk, vec![1, 2]);
+        // kill -9 now. redb alone rolls back to its last durable commit; the journal has the
+        // rest.
+        assert_eq!(redb_alone(dir.path()), vec![1, 2]);
+        let crashed = crash_copy(dir.path());
         let data = crate::datadir::DataDir::lock(crashed.path()).unwrap();
         let (mut log, _sm) = crate::raft::open_store(&data).unwrap();
         let read = log.try_get_log_entries(1..=10).await.unwrap();
@@ -690,17 +697,8 @@ mod tests {
         log.append_durably(blanks(1..=3)).await.unwrap();
         log.flush_journal().await.unwrap();
         // As a kill -9 would leave them, and without the journal's help.
-        let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join(LOG_FILE), copy.path().join(LOG_FILE)).unwrap();
-        let db = redb::Database::create(copy.path().join(LOG_FILE)).unwrap();
-        let txn = db.begin_read().unwrap();
-        let table = txn.open_table(LOGS).unwrap();
-        let keys: Vec<u64> = table
-            .iter()
-            .unwrap()
-            .map(|r| r.unwrap().0.value())
-            .collect();
-        assert_eq!(keys, vec![1, 2, 3]);
+        assert_eq!(redb_alone(dir.path()), vec![1, 2, 3]);
+        let db = Database::create(crash_copy(dir.path()).path().join(LOG_FILE)).unwrap();
         // And the journal has nothing left to replay.
         let generation: u64 = meta_in(&db, JOURNAL_GENERATION).unwrap().unwrap();
         let (_, records) =
@@ -744,15 +742,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_log_rewritten_under_the_journal_is_refused() {
-        use crate::raft::{JOURNAL_FILE, LOG_FILE, STORE_MARKER};
+        use crate::raft::LOG_FILE;
         let dir = tempfile::tempdir().unwrap();
         let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
         let (log, _sm) = crate::raft::open_store(&data).unwrap();
         log.append_durably(blanks(1..=3)).await.unwrap();
-        let crashed = tempfile::tempdir().unwrap();
-        for name in [LOG_FILE, JOURNAL_FILE, STORE_MARKER] {
-            std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
-        }
+        let crashed = crash_copy(dir.path());
         // An earlier version, which knows no journal, ran after the crash and took other
         // entries 1..=3 from a new primary.
         {
