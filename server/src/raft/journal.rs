@@ -101,21 +101,17 @@ impl Journal {
         self.generation
     }
 
-    /// Whether a record of `rows` fits in what is left.
-    pub(super) fn fits(&self, rows: &[(u64, Vec<u8>)]) -> bool {
-        self.end + record_len(rows) <= JOURNAL_BYTES
-    }
-
-    /// Writes one record of `rows` and syncs it. The caller checked that it [`fits`](Self::fits).
-    pub(super) fn append(&mut self, rows: &[(u64, Vec<u8>)]) -> std::io::Result<()> {
+    /// Writes one record of `rows` and syncs it; false, writing nothing, if it does not fit in
+    /// what is left.
+    pub(super) fn append(&mut self, rows: &[(u64, Vec<u8>)]) -> std::io::Result<bool> {
         let record = encode_record(self.generation, rows)?;
         if self.end + record.len() > JOURNAL_BYTES {
-            return Err(std::io::Error::other("journal record does not fit"));
+            return Ok(false);
         }
         self.file.write_all_at(&record, self.end as u64)?;
         self.file.sync_data()?;
         self.end += record.len();
-        Ok(())
+        Ok(true)
     }
 
     /// Everything written so far is durable in redb, which now names `generation`: start it
@@ -137,22 +133,16 @@ fn make(dir: &Path) -> std::io::Result<()> {
     replace_durably(dir, &tmp, JOURNAL_FILE)
 }
 
-fn record_len(rows: &[(u64, Vec<u8>)]) -> usize {
-    let payload: usize = rows.iter().map(|(_, b)| 12 + b.len()).sum();
-    HEADER + payload.next_multiple_of(ALIGN)
-}
-
 fn encode_record(generation: u64, rows: &[(u64, Vec<u8>)]) -> std::io::Result<Vec<u8>> {
     let too_big = |_| std::io::Error::other("journal record above 4 GiB");
-    let mut record = Vec::with_capacity(record_len(rows));
-    record.resize(HEADER, 0);
+    let mut record = vec![0; HEADER];
     for (index, bytes) in rows {
         record.extend_from_slice(&index.to_le_bytes());
         record.extend_from_slice(&u32::try_from(bytes.len()).map_err(too_big)?.to_le_bytes());
         record.extend_from_slice(bytes);
     }
     let len = u32::try_from(record.len() - HEADER).map_err(too_big)?;
-    record.resize(record_len(rows), 0);
+    record.resize(HEADER + (len as usize).next_multiple_of(ALIGN), 0);
     record[0..4].copy_from_slice(&len.to_le_bytes());
     record[8..16].copy_from_slice(&generation.to_le_bytes());
     let crc = checksum(
@@ -255,16 +245,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut journal, records) = Journal::open(dir.path(), 3, false).unwrap();
         assert!(records.is_empty());
-        journal.append(&rows(1..=3)).unwrap();
-        journal.append(&rows(4..=4)).unwrap();
-        journal.append(&rows(5..=9)).unwrap();
+        assert!(journal.append(&rows(1..=3)).unwrap());
+        assert!(journal.append(&rows(4..=4)).unwrap());
+        assert!(journal.append(&rows(5..=9)).unwrap());
         drop(journal);
         let (mut journal, records) = Journal::open(dir.path(), 3, true).unwrap();
         assert_eq!(records, vec![rows(1..=3), rows(4..=4), rows(5..=9)]);
 
         // A new generation at the front hides what the old one left behind it.
         journal.restart(4);
-        journal.append(&rows(10..=10)).unwrap();
+        assert!(journal.append(&rows(10..=10)).unwrap());
         drop(journal);
         let (_, records) = Journal::open(dir.path(), 4, true).unwrap();
         assert_eq!(records, vec![rows(10..=10)]);
@@ -281,7 +271,7 @@ mod tests {
         for r in &written {
             starts.push(journal.end);
             let payload: usize = r.iter().map(|(_, b)| 12 + b.len()).sum();
-            journal.append(r).unwrap();
+            assert!(journal.append(r).unwrap());
             padding.push(journal.end - payload.next_multiple_of(ALIGN) + payload..journal.end);
         }
         let end = journal.end;
@@ -339,7 +329,7 @@ mod tests {
     fn a_journal_newer_than_redb_says_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (mut journal, _) = Journal::open(dir.path(), 5, false).unwrap();
-        journal.append(&rows(1..=2)).unwrap();
+        assert!(journal.append(&rows(1..=2)).unwrap());
         drop(journal);
         // raft.redb fell back to a commit that named an older generation.
         for older in [0, 4] {
@@ -372,16 +362,17 @@ mod tests {
     }
 
     #[test]
-    fn a_record_that_does_not_fit_is_refused_and_fits_says_so() {
+    fn a_record_that_does_not_fit_is_not_written() {
         let dir = tempfile::tempdir().unwrap();
         let (mut journal, _) = Journal::open(dir.path(), 1, false).unwrap();
         let big = vec![(1, vec![7; JOURNAL_BYTES / 2])];
-        assert!(journal.fits(&big));
-        journal.append(&big).unwrap();
+        assert!(journal.append(&big).unwrap());
         let again = vec![(2, vec![7; JOURNAL_BYTES / 2])];
-        assert!(!journal.fits(&again));
-        assert!(journal.append(&again).is_err());
+        assert!(!journal.append(&again).unwrap());
+        drop(journal);
+        let (mut journal, records) = Journal::open(dir.path(), 1, true).unwrap();
+        assert_eq!(records, vec![big]);
         journal.restart(2);
-        assert!(journal.fits(&again));
+        assert!(journal.append(&again).unwrap());
     }
 }

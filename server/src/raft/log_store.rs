@@ -275,10 +275,9 @@ impl LogStore {
         let (db, journal) = (self.db.clone(), self.journal.clone());
         tokio::task::spawn_blocking(move || {
             let mut journal = lock(&journal);
-            if !journal.fits(&rows) {
+            if !journal.append(&rows)? {
                 return checkpoint(&db, &mut journal, |txn| insert_rows(txn, &rows));
             }
-            journal.append(&rows)?;
             // Durable already; redb makes the rows readable, and durable at its next sync.
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::None)?;
@@ -690,7 +689,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_flush_redb_alone_holds_every_append() {
-        use crate::raft::{JOURNAL_FILE, LOG_FILE};
+        use crate::raft::JOURNAL_FILE;
         let dir = tempfile::tempdir().unwrap();
         let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
         let (log, _sm) = crate::raft::open_store(&data).unwrap();
@@ -698,13 +697,40 @@ mod tests {
         log.flush_journal().await.unwrap();
         // As a kill -9 would leave them, and without the journal's help.
         assert_eq!(redb_alone(dir.path()), vec![1, 2, 3]);
-        let db = Database::create(crash_copy(dir.path()).path().join(LOG_FILE)).unwrap();
         // And the journal has nothing left to replay.
-        let generation: u64 = meta_in(&db, JOURNAL_GENERATION).unwrap().unwrap();
+        let generation: u64 = log.read_meta(JOURNAL_GENERATION).unwrap().unwrap();
         let (_, records) =
             super::super::journal::Journal::open(dir.path(), generation, true).unwrap();
         assert!(records.is_empty());
         assert!(dir.path().join(JOURNAL_FILE).exists());
+    }
+
+    #[tokio::test]
+    async fn an_append_too_big_for_the_journal_commits_redb_durably() {
+        use crate::state::{AllocRequest, Command};
+        let dir = tempfile::tempdir().unwrap();
+        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
+        let (log, _sm) = crate::raft::open_store(&data).unwrap();
+        log.append_durably(blanks(1..=2)).await.unwrap();
+        let big = (3..=11).map(|i| Entry::<TypeConfig> {
+            log_id: log_id(i),
+            payload: EntryPayload::Normal(Command::Allocate {
+                requests: vec![AllocRequest {
+                    sequence: "s".repeat(1 << 20),
+                    count: 1,
+                }],
+                max_sequences: 1,
+            }),
+        });
+        log.append_durably(big).await.unwrap();
+        log.append_durably(blanks(12..=12)).await.unwrap();
+        // Up to the big append, durable in redb; the one after it, in the journal only.
+        assert_eq!(redb_alone(dir.path()), (1..=11).collect::<Vec<_>>());
+        let crashed = crash_copy(dir.path());
+        let data = crate::datadir::DataDir::lock(crashed.path()).unwrap();
+        let (mut log, _sm) = crate::raft::open_store(&data).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(12)));
     }
 
     #[test]
