@@ -597,9 +597,16 @@ pub fn addrs_from_config(text: &str) -> Result<Vec<String>, String> {
 pub fn node_hosts_from_config(text: &str) -> Result<Vec<(u64, Vec<String>)>, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("config: {e}"))?;
     let host_of = |addr: &str| -> Result<String, String> {
-        addr.parse::<std::net::SocketAddr>()
-            .map(|a| a.ip().to_string())
-            .map_err(|_| format!("config: `{addr}` is not an ip:port address"))
+        if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+            return Ok(a.ip().to_string());
+        }
+        // host:port with a host name: the certificate names the host.
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(host.to_string())
+            }
+            _ => Err(format!("config: `{addr}` is not a host:port address")),
+        }
     };
     if let Some(nodes) = v.get("nodes").and_then(|n| n.as_array()) {
         let mut out = Vec::new();

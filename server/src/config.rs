@@ -60,6 +60,11 @@ struct RawConfig {
     max_concurrent_streams: u32,
     http2_keepalive_interval_ms: u64,
     http2_keepalive_timeout_ms: u64,
+    max_connections: u32,
+    connection_preface_timeout_ms: u64,
+    subscriber_buffer_bytes: u64,
+    max_subscribers_per_client: u32,
+    disk_reserve_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cluster_secret: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,6 +110,11 @@ impl Default for RawConfig {
             max_concurrent_streams: 1_024,
             http2_keepalive_interval_ms: 10_000,
             http2_keepalive_timeout_ms: 20_000,
+            max_connections: 4_096,
+            connection_preface_timeout_ms: 5_000,
+            subscriber_buffer_bytes: 4 * 1024 * 1024,
+            max_subscribers_per_client: 16,
+            disk_reserve_bytes: 128 * 1024 * 1024,
             cluster_secret: None,
             tls_cert: None,
             tls_key: None,
@@ -165,6 +175,18 @@ pub struct Config {
     /// connection is dropped as dead.
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
+    /// Open connections per listener; one more is closed at once.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its HTTP/2 preface (and, with TLS, to
+    /// finish its handshake) before it is closed.
+    pub connection_preface_timeout: Duration,
+    /// Payload bytes queued for one subscriber (besides `subscriber_buffer` deliveries).
+    pub subscriber_buffer_bytes: usize,
+    /// Open Subscribe streams one client (client_id) may hold on one node.
+    pub max_subscribers_per_client: usize,
+    /// Free bytes the data dir's file system must keep: below it, writes are refused, so
+    /// that the vote and snapshot writes Raft needs still fit.
+    pub disk_reserve_bytes: u64,
     /// Group limits, stamped into every group command.
     pub group_limits: crate::state::GroupLimits,
     /// What every peer RPC must carry; required when the cluster has more than one node.
@@ -234,10 +256,13 @@ impl Config {
             // Unknown SEQUENCER_* variables are refused like unknown file keys. The secret is
             // taken as the string it is: figment would read an all-digit one as a number, and
             // the type error would print it.
-            .merge(Env::prefixed("SEQUENCER_").ignore(&["CLUSTER_SECRET"]))
+            .merge(Env::prefixed(ENV_PREFIX).ignore(&NOT_SERVER_KEYS))
             .merge(secret_from_env())
             .merge(Serialized::defaults(overrides));
-        let raw: RawConfig = figment.extract().map_err(|e| ConfigError(one_line(e)))?;
+        let mut raw: RawConfig = figment.extract().map_err(|e| ConfigError(one_line(e)))?;
+        if raw.cluster_secret.is_none() {
+            raw.cluster_secret = launcher_secret(&raw.data_dir)?;
+        }
         raw.validate()
     }
 
@@ -261,6 +286,28 @@ impl Config {
     }
 }
 
+/// Every environment variable of the server starts with this.
+const ENV_PREFIX: &str = "SEQUENCER_";
+
+/// `SEQUENCER_*` variables that are not config keys: the secret (read verbatim below) and the
+/// client's own (`eval $(client register ...)` exports them into the shell that may start a
+/// server).
+const NOT_SERVER_KEYS: [&str; 3] = ["CLUSTER_SECRET", "CLIENT_ID", "TOKEN"];
+
+/// Where the one-command launcher keeps the cluster secret it made up, in `data_dir`, so that
+/// its next start and `server --node K` on the same dir use the same one.
+pub const SECRET_FILE: &str = "cluster.secret";
+
+/// The launcher's secret in `data_dir`, if it made one.
+fn launcher_secret(data_dir: &Path) -> Result<Option<String>, ConfigError> {
+    let path = data_dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ConfigError(format!("reading {}: {e}", path.display()))),
+    }
+}
+
 /// `SEQUENCER_CLUSTER_SECRET`, verbatim, as a config layer.
 fn secret_from_env() -> Serialized<std::collections::BTreeMap<&'static str, String>> {
     let mut layer = std::collections::BTreeMap::new();
@@ -280,6 +327,19 @@ fn one_line(e: figment::Error) -> String {
             if let figment::error::Kind::UnknownField(field, _) = &e.kind {
                 kind = format!("unknown key `{field}`");
             }
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            if from_env {
+                // The user wrote a variable, not a key: name the variable.
+                let (field, what) = match &e.kind {
+                    figment::error::Kind::UnknownField(field, _) => (field.clone(), kind),
+                    _ => (key.clone(), format!("key `{key}`: {kind}")),
+                };
+                let var = format!("{ENV_PREFIX}{}", field.to_uppercase());
+                return format!("environment variable {var}: {what}");
+            }
             let src = e
                 .metadata
                 .as_ref()
@@ -294,6 +354,40 @@ fn one_line(e: figment::Error) -> String {
         }
         None => "invalid configuration".into(),
     }
+}
+
+/// `host:port`, where host is an IP address (IPv6 in brackets) or a DNS name. Names are
+/// resolved when connecting and binding, not here: a container that comes back with a new
+/// address is found again.
+fn check_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || format!("`{addr}` is not a host:port address");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("`{addr}`: the port must be 1..=65535")),
+    }
+    check_host(host).map_err(|why| format!("`{addr}`: {why}"))
+}
+
+/// An IP address or a DNS name (RFC 1123 labels).
+fn check_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(format!("`{host}` is neither an IP address nor a host name"));
+    }
+    Ok(())
 }
 
 impl RawConfig {
@@ -323,6 +417,23 @@ impl RawConfig {
                             self.base_peer_port, self.servers
                         ),
                     );
+                }
+                let ports = |base: u16| u32::from(base)..=last_port(base);
+                let (client, peer) = (ports(self.base_port), ports(self.base_peer_port));
+                if client.start() <= peer.end() && peer.start() <= client.end() {
+                    return err(
+                        "base_peer_port",
+                        format!(
+                            "peer ports {}..={} overlap the client ports {}..={} of base_port",
+                            peer.start(),
+                            peer.end(),
+                            client.start(),
+                            client.end()
+                        ),
+                    );
+                }
+                if let Err(why) = check_host(&self.host) {
+                    return err("host", why);
                 }
                 (1..=self.servers)
                     .map(|k| NodeConfig {
@@ -356,11 +467,8 @@ impl RawConfig {
                 );
             }
             for (key, addr) in [("addr", &n.addr), ("peer_addr", &n.peer_addr)] {
-                if addr.parse::<SocketAddr>().is_err() {
-                    return err(
-                        &format!("nodes[{i}].{key}"),
-                        format!("`{addr}` is not an ip:port address"),
-                    );
+                if let Err(why) = check_addr(addr) {
+                    return err(&format!("nodes[{i}].{key}"), why);
                 }
                 if !addrs.insert(addr.clone()) {
                     return err(
@@ -487,6 +595,29 @@ impl RawConfig {
         if self.max_concurrent_streams == 0 {
             return err("max_concurrent_streams", "must be at least 1".into());
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return err("max_connections", "must be 1..=1000000".into());
+        }
+        if !(10..=600_000).contains(&self.connection_preface_timeout_ms) {
+            return err(
+                "connection_preface_timeout_ms",
+                "must be 10..=600000".into(),
+            );
+        }
+        if self.subscriber_buffer_bytes < u64::from(self.max_payload_bytes)
+            || self.subscriber_buffer_bytes > 1 << 32
+        {
+            return err(
+                "subscriber_buffer_bytes",
+                format!(
+                    "must be at least max_payload_bytes ({}) and at most 4 GiB",
+                    self.max_payload_bytes
+                ),
+            );
+        }
+        if self.max_subscribers_per_client == 0 {
+            return err("max_subscribers_per_client", "must be at least 1".into());
+        }
         if let Some(n) = self.worker_threads {
             if !(1..=1024).contains(&n) {
                 return err("worker_threads", "must be 1..=1024".into());
@@ -540,6 +671,11 @@ impl RawConfig {
             worker_threads: self.worker_threads.map(|n| n as usize),
             max_subscribers: self.max_subscribers as usize,
             max_concurrent_streams: self.max_concurrent_streams,
+            max_connections: self.max_connections as usize,
+            connection_preface_timeout: Duration::from_millis(self.connection_preface_timeout_ms),
+            subscriber_buffer_bytes: self.subscriber_buffer_bytes as usize,
+            max_subscribers_per_client: self.max_subscribers_per_client as usize,
+            disk_reserve_bytes: self.disk_reserve_bytes,
             http2_keepalive_interval: Duration::from_millis(self.http2_keepalive_interval_ms),
             http2_keepalive_timeout: Duration::from_millis(self.http2_keepalive_timeout_ms),
             cluster_secret,
@@ -711,6 +847,95 @@ mod tests {
                 .to_string();
             assert!(e.contains("worker_threads"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_clients_exports_do_not_break_the_server_and_a_bad_variable_is_named() {
+        figment::Jail::expect_with(|jail| {
+            // What `eval $(client register ...)` leaves in the shell.
+            jail.set_env("SEQUENCER_CLIENT_ID", "7");
+            jail.set_env("SEQUENCER_TOKEN", "abc");
+            Config::load(Path::new("none.json"), false, &Overrides::default()).unwrap();
+            jail.set_env("SEQUENCER_MAX_BATHC", "1");
+            let e = Config::load(Path::new("none.json"), false, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("environment variable SEQUENCER_MAX_BATHC"),
+                "{e}"
+            );
+            jail.set_env("SEQUENCER_MAX_BATHC", "");
+            jail.set_env("SEQUENCER_MAX_BATCH", "lots");
+            let e = Config::load(Path::new("none.json"), false, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("SEQUENCER_MAX_BATCH"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn host_names_are_addresses_and_bad_ones_are_named() {
+        let c = Config::from_json(
+            r#"{"nodes": [{"id":1,"addr":"localhost:22001","peer_addr":"node-1.example:23001"},
+                         {"id":2,"addr":"[::1]:22002","peer_addr":"10.0.0.2:23002"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.nodes[0].addr, "localhost:22001");
+        for (addr, why) in [
+            ("localhost", "host:port"),
+            ("localhost:0", "port"),
+            ("localhost:99999", "port"),
+            ("bad_name:1", "host name"),
+            ("-bad:1", "host name"),
+            (":1", "host name"),
+        ] {
+            let json =
+                format!(r#"{{"nodes": [{{"id":1,"addr":"{addr}","peer_addr":"127.0.0.1:2"}}]}}"#);
+            let e = Config::from_json(&json).unwrap_err().to_string();
+            assert!(
+                e.contains("nodes[0].addr") && e.contains(why),
+                "{addr}: {e}"
+            );
+        }
+        let e = Config::from_json(r#"{"host": "no such host!"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `host`"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_shorthand_ports_name_the_users_keys() {
+        let e = Config::from_json(r#"{"servers": 3, "base_port": 7000, "base_peer_port": 7002}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("base_peer_port") && e.contains("base_port") && !e.contains("nodes["),
+            "{e}"
+        );
+        // Adjacent ranges do not overlap.
+        Config::from_json(r#"{"servers": 3, "base_port": 7000, "base_peer_port": 7003}"#).unwrap();
+    }
+
+    #[test]
+    fn the_launchers_secret_in_the_data_dir_is_used_when_none_is_configured() {
+        figment::Jail::expect_with(|jail| {
+            std::fs::create_dir_all("data").unwrap();
+            jail.create_file("data/cluster.secret", "made-up-by-the-launcher-0123\n")?;
+            let c = Config::load(Path::new("none.json"), false, &Overrides::default()).unwrap();
+            assert!(c
+                .cluster_secret
+                .unwrap()
+                .matches(b"made-up-by-the-launcher-0123"));
+            // A configured secret wins.
+            jail.set_env("SEQUENCER_CLUSTER_SECRET", "from-the-environment-99");
+            let c = Config::load(Path::new("none.json"), false, &Overrides::default()).unwrap();
+            assert!(c
+                .cluster_secret
+                .unwrap()
+                .matches(b"from-the-environment-99"));
+            Ok(())
+        });
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub enum Error {
     /// The data dir failed its checks at start.
     #[error("data is corrupt: {0}")]
     Corrupt(String),
+    /// Raft stopped on a failure (a full disk): the node exits.
+    #[error("raft stopped: {0}")]
+    RaftStopped(String),
     /// A bug or a storage failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -61,7 +64,9 @@ impl From<Error> for Status {
                     Code::FailedPrecondition
                 }
             },
-            Error::Unavailable(_) | Error::ShuttingDown => Code::Unavailable,
+            Error::Unavailable(_) | Error::ShuttingDown | Error::RaftStopped(_) => {
+                Code::Unavailable
+            }
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::SlowSubscriber(_) => Code::ResourceExhausted,
             Error::PeerUnauthenticated(_) => Code::Unauthenticated,

@@ -1,29 +1,50 @@
 //! The one-command cluster: re-executes this binary as `server --node K` for every node of the
 //! config, prefixes each child's output with its node id, waits until every node agrees on a
-//! primary, prints the node table, and stops every child on Ctrl-C or SIGTERM.
+//! primary, prints the node table, restarts a node that exits later, and stops every child on
+//! Ctrl-C or SIGTERM. The children die with the launcher, however it dies.
 
-use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use sequencer_proto::v1::cluster_client::ClusterClient;
 use sequencer_proto::v1::StatusRequest;
-use sequencer_server::config::{Config, CLUSTER_SECRET_ENV};
+use sequencer_server::config::{Config, CLUSTER_SECRET_ENV, SECRET_FILE};
 use sequencer_server::tls::{self, TlsMaterial};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant};
+
+use crate::say;
 
 /// How long the cluster may take to elect its first primary.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a child may take to stop after SIGTERM.
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
+/// The wait before the first restart of a node; it doubles with each restart, up to the most.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A node that ran this long before it exited is restarted after FIRST_BACKOFF again.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+/// Held by the launcher for its life, in `data_dir`, naming its pid.
+const LAUNCHER_LOCK: &str = "LAUNCHER.lock";
 
 struct ChildNode {
     id: u64,
-    child: Child,
+    /// `None` while it waits to be restarted.
+    child: Option<Child>,
+    started: Instant,
+    restarts: u32,
+    /// The wait before its next restart.
+    backoff: Duration,
+    restart_at: Option<Instant>,
 }
 
 pub async fn run(
@@ -33,9 +54,21 @@ pub async fn run(
     data_dir: &Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the server binary")?;
-    // Peers must share a secret; with none configured, these children get a fresh one.
-    let generated = match &config.cluster_secret {
-        None if config.nodes.len() > 1 => Some(random_secret()?),
+    // A second launcher would find the first one's nodes answering and call them its own.
+    let _lock = lock_data_dir(&config.data_dir)?;
+    refuse_node_dirs_in_use(config)?;
+    // Peers must share a secret; with none configured, these children get a fresh one, kept
+    // in the data dir for the next start and for `server --node K` (Config::load reads it).
+    let secret = match &config.cluster_secret {
+        None if config.nodes.len() > 1 => {
+            let (secret, file) = new_secret_file(&config.data_dir)?;
+            say(format_args!(
+                "made up a cluster secret, kept in {} (mode 0600) for the next start and for \
+                 `server --node K` on this data dir",
+                file.display()
+            ));
+            Some(secret)
+        }
         _ => None,
     };
     // Nodes on one host share its cores rather than each start a thread per core: on 2 cores,
@@ -44,76 +77,347 @@ pub async fn run(
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / config.nodes.len()).max(1)
     });
+    let mut args: Vec<OsString> = Vec::new();
+    if file_exists {
+        args.extend(["--config".into(), path.into()]);
+    }
+    if let Some(dir) = data_dir {
+        args.extend(["--data-dir".into(), dir.into()]);
+    }
+    args.extend(["--worker-threads".into(), threads.to_string().into()]);
+    let spawner = Spawner {
+        exe,
+        args,
+        secret,
+        launcher: std::process::id() as libc::pid_t,
+    };
+
+    let mut output = JoinSet::new();
     let mut children = Vec::new();
+    let mut result = Ok(());
     for node in &config.nodes {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("--node").arg(node.id.to_string());
-        if file_exists {
-            cmd.arg("--config").arg(path);
+        match spawner.spawn(node.id, &mut output) {
+            Ok(child) => children.push(ChildNode {
+                id: node.id,
+                child: Some(child),
+                started: Instant::now(),
+                restarts: 0,
+                backoff: FIRST_BACKOFF,
+                restart_at: None,
+            }),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
         }
-        if let Some(dir) = data_dir {
-            cmd.arg("--data-dir").arg(dir);
-        }
-        cmd.arg("--worker-threads").arg(threads.to_string());
-        if let Some(secret) = &generated {
+    }
+    if result.is_ok() {
+        result = supervise(config, &spawner, &mut children, &mut output).await;
+    }
+    stop_all(&mut children).await;
+    // The children are gone and their pipes closed: the copiers have the last lines.
+    let drained = timeout(Duration::from_secs(2), async {
+        while output.join_next().await.is_some() {}
+    });
+    let _ = drained.await;
+    result
+}
+
+/// How to start node K again and again with the same arguments and environment.
+struct Spawner {
+    exe: PathBuf,
+    /// Everything after `--node K`.
+    args: Vec<OsString>,
+    secret: Option<String>,
+    /// Our pid, taken before any fork.
+    launcher: libc::pid_t,
+}
+
+impl Spawner {
+    /// Starts node `id`, with its output copied by tasks in `output`.
+    fn spawn(&self, id: u64, output: &mut JoinSet<()>) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--node").arg(id.to_string()).args(&self.args);
+        if let Some(secret) = &self.secret {
             cmd.env(CLUSTER_SECRET_ENV, secret);
         }
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting node {}", node.id))?;
+        die_with_launcher(&mut cmd, self.launcher)?;
+        let mut child = cmd.spawn().with_context(|| format!("starting node {id}"))?;
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(prefix_lines(node.id, out, false));
+            output.spawn(prefix_lines(id, out, false));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(prefix_lines(node.id, err, true));
+            output.spawn(prefix_lines(id, err, true));
         }
-        children.push(ChildNode { id: node.id, child });
+        Ok(child)
     }
-
-    let result = supervise(config, &mut children).await;
-    stop_all(&mut children).await;
-    result
 }
 
-/// 32 random bytes, hex: a secret for this run's children only.
+/// SIGTERM to the child when the launcher dies, even by SIGKILL, so that no node is left
+/// holding its ports and data dir; it then stops as on any SIGTERM.
+#[cfg(target_os = "linux")]
+fn die_with_launcher(cmd: &mut Command, launcher: libc::pid_t) -> anyhow::Result<()> {
+    // The signal comes when the thread that forked dies, not the process: every fork happens
+    // on the main thread (the launcher's runtime is current-thread, in block_on), which lives
+    // as long as the launcher.
+    // Safety: gettid has no preconditions.
+    let thread = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    if thread != launcher {
+        bail!("internal error: a node forked off the main thread would die with its thread");
+    }
+    // Safety: between fork and exec, only async-signal-safe calls (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher died before prctl: no signal will come, so go now.
+            if libc::getppid() != launcher {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_launcher(_cmd: &mut Command, _launcher: libc::pid_t) -> anyhow::Result<()> {
+    Ok(())
+}
+
+/// Creates `dir` (0700) if it does not exist.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data dir {}", dir.display()))
+}
+
+/// Takes `flock` on `file` without waiting: `Ok(false)` if another process holds it.
+fn try_flock(file: &File) -> std::io::Result<bool> {
+    // Safety: flock on a descriptor we own; closing it releases the lock.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// The pid a lock file names, as written by its holder.
+fn holder(mut file: &File) -> String {
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    match text.trim() {
+        "" => "unknown".into(),
+        pid => pid.into(),
+    }
+}
+
+/// One launcher per data dir: the lock on `data_dir/LAUNCHER.lock`, held while the returned
+/// file is open (the kernel drops it when the process dies, however it dies).
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
+    create_private_dir(data_dir)?;
+    let path = data_dir.join(LAUNCHER_LOCK);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if !try_flock(&file).with_context(|| format!("locking {}", path.display()))? {
+        bail!(
+            "another launcher (pid {}) is running on data dir {}; stop it first",
+            holder(&file),
+            data_dir.display()
+        );
+    }
+    let pid = std::process::id().to_string();
+    file.set_len(0)
+        .and_then(|_| file.seek(SeekFrom::Start(0)))
+        .and_then(|_| file.write_all(pid.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(file)
+}
+
+/// Refuses to start when a node's data dir is locked by another process, such as a
+/// `server --node K` started by hand: our node K would only fail next to it.
+fn refuse_node_dirs_in_use(config: &Config) -> anyhow::Result<()> {
+    for node in &config.nodes {
+        let dir = config.node_dir(node.id);
+        // No lock file: the node never ran here. Unreadable: node K will say why itself.
+        let Ok(file) = File::open(dir.join("LOCK")) else {
+            continue;
+        };
+        // Taken for a moment only: dropping `file` releases it.
+        if let Ok(false) = try_flock(&file) {
+            bail!(
+                "node {}'s data dir {} is in use by pid {} (a `server --node {}` started by \
+                 hand?); stop it first",
+                node.id,
+                dir.display(),
+                holder(&file),
+                node.id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Makes up a secret and writes it to `data_dir/cluster.secret` (0600) whole: a temp file,
+/// synced, renamed, and the dir synced. Returns the secret and the file's path.
+fn new_secret_file(data_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let secret = random_secret()?;
+    create_private_dir(data_dir)?;
+    let path = data_dir.join(SECRET_FILE);
+    let tmp = data_dir.join(format!("{SECRET_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        // Left by a launcher that died here; create_new then makes it ours, 0600.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(secret.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(data_dir)?.sync_all()
+    };
+    write().with_context(|| format!("writing the cluster secret to {}", path.display()))?;
+    Ok((secret, path))
+}
+
+/// 32 random bytes, hex.
 fn random_secret() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a secret: {e}"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-async fn supervise(config: &Config, children: &mut [ChildNode]) -> anyhow::Result<()> {
-    let mut down = HashSet::new();
+async fn supervise(
+    config: &Config,
+    spawner: &Spawner,
+    children: &mut [ChildNode],
+    output: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    // One listener for both phases, so that no signal falls between them.
+    let mut shutdown = std::pin::pin!(crate::shutdown_signal());
     let primary = tokio::select! {
         p = wait_for_primary(config) => p?,
-        exited = next_exit(children, &mut down) => bail!("{exited} while the cluster was starting"),
-        _ = crate::shutdown_signal() => return Ok(()),
+        (i, status) = next_exit(children) => {
+            bail!("node {} exited ({status}) while the cluster was starting", children[i].id)
+        }
+        _ = &mut shutdown => return Ok(()),
     };
     print_table(config, primary);
-    // A node that dies later is reported; the others serve on while they are a majority.
+    // A node that dies later is started again; the others serve on meanwhile.
     loop {
-        tokio::select! {
-            _ = crate::shutdown_signal() => return Ok(()),
-            exited = next_exit(children, &mut down) => {
-                eprintln!("server: {exited}");
-                if down.len() == children.len() {
+        let event = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            event = next_event(children) => event,
+        };
+        match event {
+            // A bad config stays bad: starting it again would only fail again.
+            Event::Exited(i, status) if status.code() == Some(crate::CONFIG_ERROR) => {
+                say(format_args!(
+                    "node {} exited with a configuration error ({status}); not restarting it",
+                    children[i].id
+                ));
+                if children
+                    .iter()
+                    .all(|c| c.child.is_none() && c.restart_at.is_none())
+                {
                     bail!("every node has exited");
+                }
+            }
+            Event::Exited(i, status) => {
+                schedule_restart(&mut children[i], &format!("exited ({status})"))
+            }
+            Event::RestartDue(i) => {
+                // The copiers of the child that exited have seen their pipes close.
+                while output.try_join_next().is_some() {}
+                let c = &mut children[i];
+                c.restart_at = None;
+                match spawner.spawn(c.id, output) {
+                    Ok(child) => {
+                        c.child = Some(child);
+                        c.started = Instant::now();
+                    }
+                    Err(e) => {
+                        // A try that never ran: the backoff grows, not resets.
+                        c.started = Instant::now();
+                        schedule_restart(c, &format!("did not start ({e:#})"))
+                    }
                 }
             }
         }
     }
 }
 
-/// Resolves with a description of the next child to exit that is not yet in `down`.
-async fn next_exit(children: &mut [ChildNode], down: &mut HashSet<u64>) -> String {
+/// Says why node `c` is down and when it starts again, and sets that time.
+fn schedule_restart(c: &mut ChildNode, why: &str) {
+    if c.started.elapsed() >= BACKOFF_RESET_AFTER {
+        c.backoff = FIRST_BACKOFF;
+    }
+    let wait = c.backoff;
+    c.backoff = (wait * 2).min(MAX_BACKOFF);
+    c.restarts += 1;
+    c.restart_at = Some(Instant::now() + wait);
+    say(format_args!(
+        "node {} {why}; restarting it in {} s (restart {})",
+        c.id,
+        wait.as_secs(),
+        c.restarts
+    ));
+}
+
+enum Event {
+    /// `children[i]` exited.
+    Exited(usize, ExitStatus),
+    /// `children[i]` is due to start again.
+    RestartDue(usize),
+}
+
+/// The next exit of a child, before any is waiting to restart.
+async fn next_exit(children: &mut [ChildNode]) -> (usize, ExitStatus) {
     loop {
-        for c in children.iter_mut().filter(|c| !down.contains(&c.id)) {
-            if let Ok(Some(status)) = c.child.try_wait() {
-                down.insert(c.id);
-                return format!("node {} exited ({status})", c.id);
+        if let Event::Exited(i, status) = next_event(children).await {
+            return (i, status);
+        }
+    }
+}
+
+/// Resolves with the next exit of a running child, or the next restart that is due.
+async fn next_event(children: &mut [ChildNode]) -> Event {
+    loop {
+        for (i, c) in children.iter_mut().enumerate() {
+            match &mut c.child {
+                Some(child) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        c.child = None;
+                        return Event::Exited(i, status);
+                    }
+                }
+                None => {
+                    if c.restart_at.is_some_and(|at| at <= Instant::now()) {
+                        return Event::RestartDue(i);
+                    }
+                }
             }
         }
         sleep(Duration::from_millis(100)).await;
@@ -162,34 +466,41 @@ async fn primary_seen_by(addr: &str, tls: Option<&TlsMaterial>) -> Option<u64> {
 }
 
 fn print_table(config: &Config, primary: u64) {
+    // A closed stdout must not stop the launcher (println! would panic).
+    let mut out = std::io::stdout().lock();
     for n in &config.nodes {
         let role = if n.id == primary { "  primary" } else { "" };
-        println!(
+        let _ = writeln!(
+            out,
             "node {}  client {}  peer {}{role}",
             n.id, n.addr, n.peer_addr
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "cluster ready: {} nodes, primary is node {primary}; Ctrl-C stops every node",
         config.nodes.len()
     );
 }
 
+/// Copies a child's lines to ours, prefixed. Write errors (a closed stdout or stderr) are
+/// ignored: the child's pipe must still be drained, or it would block on a full one.
 async fn prefix_lines(id: u64, stream: impl AsyncRead + Unpin, stderr: bool) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if stderr {
-            eprintln!("node{id} | {line}");
+        let _ = if stderr {
+            writeln!(std::io::stderr().lock(), "node{id} | {line}")
         } else {
-            println!("node{id} | {line}");
-        }
+            writeln!(std::io::stdout().lock(), "node{id} | {line}")
+        };
     }
 }
 
-/// SIGTERM to every child we started (by pid), then SIGKILL to any still running.
+/// SIGTERM to every running child we started (by pid), then SIGKILL to any still running.
 async fn stop_all(children: &mut [ChildNode]) {
     for c in children.iter_mut() {
-        if let (Ok(None), Some(pid)) = (c.child.try_wait(), c.child.id()) {
+        let Some(child) = &mut c.child else { continue };
+        if let (Ok(None), Some(pid)) = (child.try_wait(), child.id()) {
             // Safety: signalling a pid we spawned and have not reaped.
             unsafe {
                 libc::kill(pid as libc::pid_t, libc::SIGTERM);
@@ -197,12 +508,13 @@ async fn stop_all(children: &mut [ChildNode]) {
         }
     }
     for c in children.iter_mut() {
-        match timeout(STOP_DEADLINE, c.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("server: node {} did not stop in time; killing it", c.id);
-                let _ = c.child.kill().await;
-            }
+        let Some(child) = &mut c.child else { continue };
+        if timeout(STOP_DEADLINE, child.wait()).await.is_err() {
+            say(format_args!(
+                "node {} did not stop in time; killing it",
+                c.id
+            ));
+            let _ = child.kill().await;
         }
     }
 }

@@ -8,9 +8,12 @@
 pub mod allocator;
 pub mod api;
 pub mod batch;
+pub mod bootstrap;
 pub mod config;
 pub mod datadir;
+pub mod disk;
 pub mod error;
+pub mod listener;
 pub mod liveness;
 pub mod node;
 pub mod peer;

@@ -8,7 +8,8 @@ mod launcher;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::io::IsTerminal;
+use std::fmt::Display;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,9 +38,14 @@ struct Args {
     worker_threads: Option<u32>,
 }
 
+/// The exit code of a bad config: the launcher does not restart a node that exits with it.
+pub(crate) const CONFIG_ERROR: i32 = 2;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing();
+    // Before anything opens a file; children inherit the raised limit.
+    let open_files = raise_open_files_limit();
     let (path, required) = match &args.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("config.json"), false),
@@ -51,41 +57,89 @@ fn main() -> ExitCode {
     let config = match Config::load(&path, required, &overrides) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("server: {e}");
-            return ExitCode::from(2);
+            say(e);
+            return ExitCode::from(CONFIG_ERROR as u8);
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = match args.node {
+        Some(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.worker_threads {
+                b.worker_threads(n);
+            }
+            b
+        }
+        // The launcher only starts and watches its children, all on this one thread: a
+        // child's parent-death signal follows the thread that forked it (launcher.rs).
+        None => tokio::runtime::Builder::new_current_thread(),
+    };
     builder.enable_all();
-    match (args.node, config.worker_threads) {
-        (Some(_), Some(n)) => {
-            builder.worker_threads(n);
-        }
-        (Some(_), None) => {}
-        // The launcher only starts and watches its children.
-        (None, _) => {
-            builder.worker_threads(1);
-        }
-    }
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("server: starting the runtime: {e}");
+            say(format_args!("starting the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async {
         match args.node {
-            Some(id) => run_node(config, id).await,
-            None => launcher::run(&path, path.exists(), &config, &args.data_dir).await,
+            Some(id) => run_node(config, id, open_files).await,
+            None => {
+                log_open_files(&open_files);
+                launcher::run(&path, path.exists(), &config, &args.data_dir).await
+            }
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("server: {e:#}");
+            say(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One line on stderr, prefixed `server: `. A closed stderr (a launcher or `| tee` that died)
+/// is ignored: eprintln! would panic.
+pub(crate) fn say(msg: impl Display) {
+    let _ = writeln!(std::io::stderr().lock(), "server: {msg}");
+}
+
+/// The soft limit on open files after raising it to the hard limit, or why it stayed.
+type OpenFiles = Result<libc::rlim_t, String>;
+
+/// Every connection is a descriptor, and the usual soft limit (1024) is reached long before
+/// the CPU is busy; the hard limit is what the administrator allows.
+fn raise_open_files_limit() -> OpenFiles {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safety: getrlimit and setrlimit with a struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(format!("getrlimit: {}", std::io::Error::last_os_error()));
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(format!(
+                "it stays at {} (hard limit {}): {}",
+                limit.rlim_cur,
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(limit.rlim_max)
+}
+
+fn log_open_files(open_files: &OpenFiles) {
+    match open_files {
+        Ok(n) => tracing::info!(open_files_limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
     }
 }
 
@@ -100,10 +154,13 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // On a closed stderr the layer would eprintln! its own write error, and eprintln!
+        // panics: inside whichever task logged, Raft's core among them.
+        .log_internal_errors(false)
         .init();
 }
 
-async fn run_node(config: Config, id: u64) -> anyhow::Result<()> {
+async fn run_node(config: Config, id: u64, open_files: OpenFiles) -> anyhow::Result<()> {
     let Some(node) = config.node(id).cloned() else {
         let ids: Vec<String> = config.nodes.iter().map(|n| n.id.to_string()).collect();
         anyhow::bail!(
@@ -122,7 +179,17 @@ async fn run_node(config: Config, id: u64) -> anyhow::Result<()> {
     }
     let client = bind(&node.addr, "addr", id).await?;
     let peer = bind(&node.peer_addr, "peer_addr", id).await?;
-    run(config, id, Listeners { client, peer }, shutdown_signal())
+    // `run` polls its shutdown future only once the node has started, so this line follows
+    // "node started", and a node that fails at start still says one line only.
+    let shutdown = async move {
+        let mut signal = std::pin::pin!(shutdown_signal());
+        // Listening before the line: a SIGTERM right after it still stops the node gracefully.
+        if futures::poll!(signal.as_mut()).is_pending() {
+            log_open_files(&open_files);
+            signal.await;
+        }
+    };
+    run(config, id, Listeners { client, peer }, shutdown)
         .await
         .with_context(|| format!("node {id}"))
 }

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::BasicNode;
 use sequencer_proto::peer::peer_server::PeerServer;
 use sequencer_proto::v1::cluster_server::ClusterServer;
 use sequencer_proto::v1::messenger_server::MessengerServer;
@@ -15,18 +14,20 @@ use sequencer_proto::v1::tracker_server::TrackerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::allocator::{AllocPlan, Allocator};
 use crate::api::cluster::ClusterApi;
-use crate::api::health::watch_primary;
+use crate::api::health::watch_primary_until;
 use crate::api::messenger::MessengerApi;
 use crate::api::sequencer::SequencerApi;
 use crate::api::tracker::TrackerApi;
+use crate::bootstrap;
 use crate::config::Config;
 use crate::datadir::DataDir;
+use crate::disk::DiskGuard;
 use crate::error::Error;
+use crate::listener::Incoming;
 use crate::liveness::Liveness;
 use crate::peer::{PeerClients, PeerService, RequireSecret, PEER_MESSAGE_LIMIT};
 use crate::proposer::Proposer;
@@ -69,6 +70,7 @@ pub async fn run(
     let commit = log.commit_index();
     let journal = log.clone();
     let peers = PeerClients::new(&config, id, tls.as_ref())?;
+    let bootstrap_peers = peers.clone();
 
     let raft = Raft::new(
         id,
@@ -79,7 +81,6 @@ pub async fn run(
     )
     .await
     .map_err(|e| Error::Internal(format!("starting raft: {e}")))?;
-    initialize(&raft, &config).await?;
     tracing::info!(
         node = id,
         dir = %dir.display(),
@@ -98,6 +99,7 @@ pub async fn run(
         peers.clone(),
         config.request_timeout,
         Duration::from_millis(config.election_timeout_max_ms),
+        DiskGuard::new(&dir, config.disk_reserve_bytes),
     );
     // Batchers end once the client listener has stopped and dropped its handles.
     let mut batchers = JoinSet::new();
@@ -143,7 +145,13 @@ pub async fn run(
     tasks.spawn(election.clone().run(stop_clients_rx.clone()));
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    tasks.spawn(watch_primary(id, raft.clone(), reporter));
+    // NOT_SERVING as soon as the node starts to stop, before the listeners close.
+    tasks.spawn(watch_primary_until(
+        id,
+        raft.clone(),
+        reporter,
+        stopped(stop_clients_rx.clone()),
+    ));
     // grpcurl and other tools speak either reflection version; serve both.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -186,8 +194,12 @@ pub async fn run(
                 reader,
                 proposer.clone(),
                 config.max_payload_bytes,
-                config.subscriber_buffer,
-                config.max_subscribers,
+                crate::api::messenger::SubscriberLimits {
+                    buffer: config.subscriber_buffer,
+                    buffer_bytes: config.subscriber_buffer_bytes,
+                    max: config.max_subscribers,
+                    max_per_client: config.max_subscribers_per_client,
+                },
                 stop_clients_rx.clone(),
             ))
             // A Send carries one payload of at most max_payload_bytes, plus its names.
@@ -203,7 +215,10 @@ pub async fn run(
             ))
             .max_decoding_message_size(small),
         )
-        .serve_with_incoming_shutdown(incoming(listeners.client), stopped(stop_clients_rx));
+        .serve_with_incoming_shutdown(
+            incoming(listeners.client, "client", &config),
+            stopped(stop_clients_rx.clone()),
+        );
     let peer_server = server_builder(&config, tls.as_ref().map(|t| t.peer_listener()))?
         .add_service(InterceptedService::new(
             PeerServer::new(PeerService::new(
@@ -212,18 +227,42 @@ pub async fn run(
                 proposer,
                 liveness,
                 election,
+                bootstrap::members(&config),
                 stop_peers_rx.clone(),
             ))
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT),
             RequireSecret::new(config.cluster_secret.clone()),
         ))
-        .serve_with_incoming_shutdown(incoming(listeners.peer), stopped(stop_peers_rx));
+        .serve_with_incoming_shutdown(
+            incoming(listeners.peer, "peer", &config),
+            stopped(stop_peers_rx.clone()),
+        );
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
+    // Fresh nodes ask their peers first: only a unanimous first start bootstraps a cluster.
+    tasks.spawn(bootstrap_task(
+        id,
+        raft.clone(),
+        bootstrap_peers,
+        bootstrap::members(&config),
+        // A stopping node bootstraps nothing: it stops Raft next.
+        stop_clients_rx.clone(),
+    ));
 
-    shutdown.await;
-    tracing::info!(node = id, "shutting down");
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        why = raft_failed(raft.clone()) => Some(why),
+    };
+    match &failed {
+        None => tracing::info!(node = id, "shutting down"),
+        Some(why) => tracing::error!(
+            node = id,
+            dir = %dir.display(),
+            error = %why,
+            "raft stopped; this node no longer serves and exits"
+        ),
+    }
     // Clients first: requests in flight still need the peer listener, to hear the entries they
     // wait for. Then Raft, then the peer listener, so this node starts no election on its way out.
     let _ = stop_clients.send(true);
@@ -239,8 +278,41 @@ pub async fn run(
     let _ = stop_peers.send(true);
     report(id, "peer", peer_task.await);
     while tasks.join_next().await.is_some() {}
+    if let Some(why) = failed {
+        // A supervisor restarts a node that exits; a node left up without Raft serves nothing.
+        return Err(Error::RaftStopped(format!("{}: {why}", dir.display())));
+    }
     tracing::info!(node = id, "stopped");
     Ok(())
+}
+
+/// Resolves when Raft stops other than by our own shutdown (a storage failure such as a full
+/// disk), with the cause.
+async fn raft_failed(raft: Raft) -> String {
+    let mut metrics = raft.metrics();
+    let fatal = match metrics.wait_for(|m| m.running_state.is_err()).await {
+        Ok(m) => m.running_state.as_ref().err().map(|f| f.to_string()),
+        Err(_) => None,
+    };
+    match fatal {
+        // openraft's text leads with the operation and its log ids; say the cause first.
+        Some(text) if text.contains("os error 28") => format!("no space left on device ({text})"),
+        Some(text) => text,
+        // The metrics sender is gone: Raft's core task ended.
+        None => "raft's core task ended".into(),
+    }
+}
+
+async fn bootstrap_task(
+    id: NodeId,
+    raft: Raft,
+    peers: PeerClients,
+    members: BTreeMap<NodeId, String>,
+    stop: watch::Receiver<bool>,
+) {
+    if let Err(e) = bootstrap::run(id, raft, peers, members, stop).await {
+        tracing::error!(node = id, error = %e, "bootstrapping a new cluster failed");
+    }
 }
 
 fn report(
@@ -253,27 +325,6 @@ fn report(
         Ok(Err(e)) => tracing::warn!(node = id, listener, error = %e, "server error"),
         Err(e) => tracing::warn!(node = id, listener, error = %e, "server task failed"),
     }
-}
-
-/// Bootstraps a fresh cluster. Every node does it with the same members; a node that already
-/// has a log (a restart, or a peer got there first) is refused, which is fine.
-async fn initialize(raft: &Raft, config: &Config) -> Result<(), Error> {
-    let initialized = raft
-        .is_initialized()
-        .await
-        .map_err(|e| Error::Internal(format!("raft: {e}")))?;
-    if initialized {
-        return Ok(());
-    }
-    let members: BTreeMap<NodeId, BasicNode> = config
-        .nodes
-        .iter()
-        .map(|n| (n.id, BasicNode::new(&n.peer_addr)))
-        .collect();
-    if let Err(e) = raft.initialize(members).await {
-        tracing::debug!(error = %e, "initialize refused; the cluster already exists");
-    }
-    Ok(())
 }
 
 /// Largest request of a service without payloads: names and tokens only.
@@ -294,8 +345,13 @@ fn server_builder(config: &Config, tls: Option<ServerTlsConfig>) -> Result<Serve
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout)))
 }
 
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Accepts with a preface deadline and a cap on open connections (see `listener`).
+fn incoming(listener: TcpListener, name: &'static str, config: &Config) -> Incoming {
+    let limits = crate::listener::Limits {
+        max_connections: config.max_connections,
+        preface_timeout: config.connection_preface_timeout,
+    };
+    Incoming::new(listener, name, limits)
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::{timeout_at, Instant};
 
+use crate::disk::DiskGuard;
 use crate::error::Error;
 use crate::peer::{PeerClients, PeerError, PeerRpc};
 use crate::raft::state_machine::StateReader;
@@ -40,6 +41,8 @@ pub enum ProposeOutcome {
     },
     /// The primary could not commit it in time.
     Failed(String),
+    /// The primary refuses writes: its disk is below the reserve.
+    Refused(String),
 }
 
 /// Why one attempt failed: worth another try, or final.
@@ -60,6 +63,8 @@ pub struct Proposer {
     /// Longest wait for one forward: a primary silent for an election timeout may be gone, so
     /// look again at who is primary (a retry at worst burns ids; Sends are idempotent).
     forward_cap: Duration,
+    /// Writes are refused while this node's disk is below its reserve.
+    disk: DiskGuard,
 }
 
 impl Proposer {
@@ -70,6 +75,7 @@ impl Proposer {
         peers: PeerClients,
         timeout: Duration,
         forward_cap: Duration,
+        disk: DiskGuard,
     ) -> Self {
         Self {
             id,
@@ -78,6 +84,16 @@ impl Proposer {
             peers,
             timeout,
             forward_cap,
+            disk,
+        }
+    }
+
+    /// Why Raft has stopped, as a request's error: our own graceful stop, or a failure (a
+    /// full disk) that is named, since the node exits over it.
+    fn stopped(&self) -> Error {
+        match &self.raft.metrics().borrow().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => Error::ShuttingDown,
+            Err(fatal) => Error::Unavailable(format!("node {} stopped: {fatal}", self.id)),
         }
     }
 
@@ -93,6 +109,8 @@ impl Proposer {
 
     /// Commits `command` through whichever node is primary, before `deadline`.
     pub async fn propose(&self, command: Command, deadline: Instant) -> Result<Committed, Error> {
+        // Every node appends every entry: one short of disk is refused here, not in Raft.
+        self.disk.check()?;
         loop {
             let primary = self.raft.metrics().borrow().current_leader;
             let attempt = match primary {
@@ -139,6 +157,9 @@ impl Proposer {
             Err(Attempt::Retry(_)) => ProposeOutcome::NotPrimary {
                 primary: self.raft.metrics().borrow().current_leader,
             },
+            Err(Attempt::Final(e @ Error::ResourceExhausted(_))) => {
+                ProposeOutcome::Refused(e.to_string())
+            }
             Err(Attempt::Final(e)) => ProposeOutcome::Failed(e.to_string()),
         }
     }
@@ -210,7 +231,7 @@ impl Proposer {
             return Ok(());
         }
         if self.raft.metrics().borrow().running_state.is_err() {
-            return Err(Error::ShuttingDown);
+            return Err(self.stopped());
         }
         Err(Error::Unavailable(format!(
             "node {} has not applied log index {index} within {} ms",
@@ -240,6 +261,7 @@ impl Proposer {
         command: Command,
         deadline: Instant,
     ) -> Result<Committed, Attempt> {
+        self.disk.check().map_err(Attempt::Final)?;
         match timeout_at(deadline, self.raft.client_write(command)).await {
             Ok(Ok(resp)) => Ok(Committed {
                 index: resp.log_id.index,
@@ -251,7 +273,7 @@ impl Proposer {
                     "primary moved to {:?}",
                     f.leader_id
                 ))),
-                None if e.fatal().is_some() => Err(Attempt::Final(Error::ShuttingDown)),
+                None if e.fatal().is_some() => Err(Attempt::Final(self.stopped())),
                 None => Err(Attempt::Retry(e.to_string())),
             },
             Err(_) => Err(Attempt::Final(Error::Unavailable(format!(
@@ -290,6 +312,7 @@ impl Proposer {
                 "node {primary} is no longer primary (it names {p:?})"
             ))),
             Ok(ProposeOutcome::Failed(msg)) => Err(Attempt::Final(Error::Unavailable(msg))),
+            Ok(ProposeOutcome::Refused(msg)) => Err(Attempt::Final(Error::ResourceExhausted(msg))),
             Err(e @ PeerError::Unreachable(..)) => Err(Attempt::Retry(e.to_string())),
             Err(e) => Err(Attempt::Final(Error::Internal(e.to_string()))),
         }

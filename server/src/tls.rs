@@ -6,6 +6,7 @@
 //! TLS. The client listener asks clients for one only with `tls_client_auth`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
@@ -19,6 +20,10 @@ pub struct TlsMaterial {
     identity: Identity,
     ca: Option<Certificate>,
     client_auth: bool,
+    /// connection_preface_timeout: a handshake must finish within it. Our listener's preface
+    /// deadline is met by the first bytes of a handshake, so without this a client that starts
+    /// one and stalls would hold its connection forever.
+    handshake_timeout: Duration,
 }
 
 impl TlsMaterial {
@@ -50,6 +55,7 @@ impl TlsMaterial {
             identity,
             ca,
             client_auth: *client_auth,
+            handshake_timeout: config.connection_preface_timeout,
         };
         // tonic parses the PEM only when a listener or channel is built; do it now, so a bad
         // file stops the node before it touches its data dir.
@@ -65,7 +71,9 @@ impl TlsMaterial {
 
     /// The client listener: this node's certificate; client certificates only if asked for.
     pub fn client_listener(&self) -> ServerTlsConfig {
-        let c = ServerTlsConfig::new().identity(self.identity.clone());
+        let c = ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .timeout(self.handshake_timeout);
         match (&self.ca, self.client_auth) {
             (Some(ca), true) => c.client_ca_root(ca.clone()),
             _ => c,
@@ -74,7 +82,9 @@ impl TlsMaterial {
 
     /// The peer listener: only callers with a certificate from the cluster's CA.
     pub fn peer_listener(&self) -> ServerTlsConfig {
-        let c = ServerTlsConfig::new().identity(self.identity.clone());
+        let c = ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .timeout(self.handshake_timeout);
         match &self.ca {
             Some(ca) => c.client_ca_root(ca.clone()),
             None => c,

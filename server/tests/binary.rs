@@ -35,18 +35,6 @@ fn run_server(args: &[&str], dir: &Path) -> (bool, String) {
     )
 }
 
-/// A config with an explicit node list on free ports, under `dir`.
-fn nodes_config(dir: &Path, n: usize) -> serde_json::Value {
-    let ports = free_ports(2 * n).unwrap();
-    let nodes: Vec<_> = (0..n)
-        .map(|i| {
-            json!({"id": i + 1, "addr": format!("127.0.0.1:{}", ports[2 * i]),
-                         "peer_addr": format!("127.0.0.1:{}", ports[2 * i + 1])})
-        })
-        .collect();
-    json!({"nodes": nodes, "data_dir": dir.join("data")})
-}
-
 #[test]
 fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,7 +116,7 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
 #[test]
 fn a_node_started_alone_in_a_multi_node_cluster_needs_the_cluster_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let config = nodes_config(dir.path(), 3);
+    let config = testkit::nodes_config(dir.path(), 3).unwrap();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let (ok, stderr) = run_server(&["--config", "config.json", "--node", "2"], dir.path());
     assert!(!ok, "node 2 started with no cluster secret");
@@ -144,7 +132,7 @@ fn a_node_started_alone_in_a_multi_node_cluster_needs_the_cluster_secret() {
 #[test]
 fn a_missing_certificate_file_is_named_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = nodes_config(dir.path(), 1);
+    let mut config = testkit::nodes_config(dir.path(), 1).unwrap();
     config["tls_cert"] = json!("certs/node-{id}.pem");
     config["tls_key"] = json!("certs/node-{id}-key.pem");
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
@@ -197,7 +185,7 @@ fn line_channel(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_command_starts_every_node_prints_the_table_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let config = nodes_config(dir.path(), 3);
+    let config = testkit::nodes_config(dir.path(), 3).unwrap();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let mut launcher = Command::new(SERVER)
         .args(["--config", "config.json"])
@@ -289,7 +277,7 @@ async fn one_command_starts_every_node_prints_the_table_and_stops_on_sigterm() {
 #[test]
 fn the_launcher_exits_non_zero_when_a_node_dies_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let config = nodes_config(dir.path(), 3);
+    let config = testkit::nodes_config(dir.path(), 3).unwrap();
     let busy = TcpListener::bind(config["nodes"][1]["addr"].as_str().unwrap()).unwrap();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let (ok, stderr) = run_server(&["--config", "config.json"], dir.path());

@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 use sequencer_client::Client;
 use testkit::history::{linearizability_violations, overlaps, Op};
 use testkit::Cluster;
+use testkit::{health, ServingStatus};
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
@@ -270,22 +268,6 @@ async fn a_lagging_node_catches_up_from_a_snapshot_after_the_log_is_purged() {
     }
     cluster.wait_for_primary().await.unwrap();
     assert_eq!(cluster.client().get_id("").await.unwrap().id, 151);
-}
-
-async fn health(addr: &str) -> Option<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .ok()?
-        .connect()
-        .await
-        .ok()?;
-    let mut client = HealthClient::new(channel);
-    let resp = client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()?;
-    ServingStatus::try_from(resp.into_inner().status).ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -598,6 +598,9 @@ async fn concurrent_large_messages_are_all_delivered() {
     let c = Arc::new(cluster.client());
     let (reader, next, _alive_reader) = member(&c, "reader", "big").await;
     let mut stream = c.subscribe(&reader, "big", next).await.unwrap();
+    // Read while they are sent: a subscriber that reads nothing for a second while more than
+    // subscriber_buffer_bytes wait for it is cut off, by design.
+    let reading = tokio::spawn(async move { collect(&mut stream, |d| messages(d) == 24).await });
     let mut tasks = Vec::new();
     let mut alive = Vec::new();
     for w in 0..6 {
@@ -615,7 +618,7 @@ async fn concurrent_large_messages_are_all_delivered() {
     for t in tasks {
         t.await.unwrap();
     }
-    let got = collect(&mut stream, |d| messages(d) == 24).await;
+    let got = reading.await.unwrap();
     assert_dense_and_fifo(&got);
     assert!(got
         .iter()

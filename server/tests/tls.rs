@@ -3,7 +3,6 @@
 //! plaintext clients and peers without a certificate from the cluster's CA are not.
 
 use std::path::Path;
-use std::process::Command;
 
 use sequencer_client::{Client, Tls};
 use sequencer_proto::peer::peer_client::PeerClient;
@@ -12,21 +11,6 @@ use testkit::{sibling_binary, Cluster};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
-
-/// Certificates for a 3-node cluster on 127.0.0.1, written by the real CLI.
-fn gen_certs(dir: &Path) {
-    std::fs::write(dir.join("config.json"), r#"{"servers": 3}"#).unwrap();
-    let out = Command::new(sibling_binary(SERVER, "client"))
-        .args(["gen-certs", "--out", "certs"])
-        .current_dir(dir)
-        .output()
-        .expect("client gen-certs runs (cargo build --bin client)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn read(dir: &Path, name: &str) -> Vec<u8> {
     std::fs::read(dir.join(name)).unwrap()
@@ -61,7 +45,7 @@ async fn peer_ping(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_clients_are_served_everywhere_and_peers_need_a_cluster_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    gen_certs(dir.path());
+    testkit::gen_certs(&sibling_binary(SERVER, "client"), dir.path(), 3).unwrap();
     let certs = dir.path().join("certs");
     let mut cluster = Cluster::builder(SERVER).tls(&certs, false).start().unwrap();
     let primary = cluster.wait_for_primary().await.unwrap();
@@ -86,7 +70,7 @@ async fn tls_clients_are_served_everywhere_and_peers_need_a_cluster_certificate(
 
     // A TLS client that does not trust the cluster's CA refuses the server.
     let other = tempfile::tempdir().unwrap();
-    gen_certs(other.path());
+    testkit::gen_certs(&sibling_binary(SERVER, "client"), other.path(), 3).unwrap();
     let stranger_ca = Tls {
         ca: Some(read(&other.path().join("certs"), "ca.pem")),
         identity: None,
@@ -124,7 +108,7 @@ async fn tls_clients_are_served_everywhere_and_peers_need_a_cluster_certificate(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_client_auth_only_clients_with_a_certificate_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    gen_certs(dir.path());
+    testkit::gen_certs(&sibling_binary(SERVER, "client"), dir.path(), 3).unwrap();
     let certs = dir.path().join("certs");
     let mut cluster = Cluster::builder(SERVER)
         .nodes(1)

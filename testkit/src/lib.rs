@@ -82,6 +82,54 @@ pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
         .collect()
 }
 
+/// A config of `n` nodes on free 127.0.0.1 ports with an explicit `nodes` list and its data
+/// under `dir/data`, for tests that start `server` themselves.
+pub fn nodes_config(dir: &Path, n: usize) -> anyhow::Result<Value> {
+    let ports = free_ports(2 * n)?;
+    let nodes: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"id": i + 1, "addr": format!("127.0.0.1:{}", ports[2 * i]),
+                   "peer_addr": format!("127.0.0.1:{}", ports[2 * i + 1])})
+        })
+        .collect();
+    Ok(json!({"nodes": nodes, "data_dir": dir.join("data")}))
+}
+
+/// Certificates for a shorthand cluster of `servers` nodes on 127.0.0.1, written into
+/// `dir/certs` by the real `client gen-certs` (`client` is its binary).
+pub fn gen_certs(client: &Path, dir: &Path, servers: usize) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("config.json"),
+        json!({ "servers": servers }).to_string(),
+    )?;
+    let out = Command::new(client)
+        .args(["gen-certs", "--out", "certs"])
+        .current_dir(dir)
+        .output()
+        .context("running client gen-certs (cargo build --bin client)")?;
+    if !out.status.success() {
+        bail!("gen-certs: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+pub use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The gRPC health of the server at `addr` (plaintext), or `None` if it does not answer.
+pub async fn health(addr: &str) -> Option<ServingStatus> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let req = HealthCheckRequest {
+        service: String::new(),
+    };
+    let resp = HealthClient::new(channel).check(req).await.ok()?;
+    ServingStatus::try_from(resp.into_inner().status).ok()
+}
+
 /// Where the `server` binary of this build is, given any binary of the same target dir.
 pub fn sibling_binary(known: &str, name: &str) -> PathBuf {
     Path::new(known).with_file_name(name)
@@ -110,9 +158,16 @@ pub struct Builder {
     settings: Map<String, Value>,
     proxies: bool,
     tls: Option<(PathBuf, bool)>,
+    host: String,
 }
 
 impl Builder {
+    /// Names every node's addresses with `host` (e.g. `localhost`) instead of 127.0.0.1.
+    pub fn host(mut self, host: &str) -> Self {
+        self.host = host.into();
+        self
+    }
+
     /// TLS on every listener with the certificates `client gen-certs` wrote into `certs`
     /// (mutual between peers); `client_auth` also asks clients for one. The cluster's clients
     /// trust the CA, and show `client.pem` when asked.
@@ -164,8 +219,8 @@ impl Builder {
         let nodes: Vec<Node> = (0..self.nodes)
             .map(|i| Node {
                 id: i as u64 + 1,
-                addr: format!("127.0.0.1:{}", ports[2 * i]),
-                peer_addr: format!("127.0.0.1:{}", ports[2 * i + 1]),
+                addr: format!("{}:{}", self.host, ports[2 * i]),
+                peer_addr: format!("{}:{}", self.host, ports[2 * i + 1]),
                 child: None,
                 log: dir.path().join(format!("node-{}.log", i + 1)),
             })
@@ -210,7 +265,10 @@ impl Builder {
                 })
                 .collect();
             config.insert("nodes".into(), Value::Array(list));
-            config.insert("data_dir".into(), json!(dir.path().join("data")));
+            // A test may put the data elsewhere (a small file system of its own).
+            config
+                .entry("data_dir")
+                .or_insert_with(|| json!(dir.path().join("data")));
             std::fs::write(
                 dir.path().join(format!("config-{}.json", me.id)),
                 serde_json::to_vec_pretty(&Value::Object(config))?,
@@ -286,6 +344,7 @@ impl Cluster {
             settings: Map::new(),
             proxies: false,
             tls: None,
+            host: "127.0.0.1".into(),
         }
     }
 
@@ -415,6 +474,96 @@ impl Cluster {
         if let Some(mut child) = self.node_mut(id).child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Adds `n` nodes to every node's config, not started, as an operator who edits
+    /// config.json would; returns their ids. Not with proxies.
+    pub fn add_nodes(&mut self, n: usize) -> anyhow::Result<Vec<u64>> {
+        if !self.links.is_empty() {
+            bail!("add_nodes does not rewire proxies");
+        }
+        let ports = free_ports(n * 2)?;
+        let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        // The same host as the others (see Builder::host).
+        let host = self
+            .nodes
+            .first()
+            .and_then(|n| n.addr.rsplit_once(':'))
+            .map_or("127.0.0.1".to_string(), |(h, _)| h.to_string());
+        let added: Vec<u64> = (first..first + n as u64).collect();
+        for (i, id) in added.iter().enumerate() {
+            self.nodes.push(Node {
+                id: *id,
+                addr: format!("{host}:{}", ports[2 * i]),
+                peer_addr: format!("{host}:{}", ports[2 * i + 1]),
+                child: None,
+                log: self.dir.path().join(format!("node-{id}.log")),
+            });
+        }
+        let list: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| json!({"id": n.id, "addr": n.addr, "peer_addr": n.peer_addr}))
+            .collect();
+        let template: Value = serde_json::from_slice(&std::fs::read(&self.config_path)?)?;
+        for id in self.ids() {
+            let mut config = template.clone();
+            config["nodes"] = Value::Array(list.clone());
+            std::fs::write(
+                self.dir.path().join(format!("config-{id}.json")),
+                serde_json::to_vec_pretty(&config)?,
+            )?;
+        }
+        Ok(added)
+    }
+
+    /// Node `id`'s data dir.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        let config: Option<Value> = std::fs::read(&self.config_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let root = config
+            .as_ref()
+            .and_then(|c| c.get("data_dir"))
+            .and_then(|d| d.as_str())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.dir.path().join("data"));
+        root.join(format!("node-{id}"))
+    }
+
+    /// Deletes node `id`'s data dir, as a replaced disk would; the node must be stopped.
+    pub fn wipe(&self, id: u64) -> anyhow::Result<()> {
+        if self.node(id).child.is_some() {
+            bail!("node {id} is running");
+        }
+        std::fs::remove_dir_all(self.data_dir(id))
+            .with_context(|| format!("removing node {id}'s data dir"))
+    }
+
+    /// Waits up to `within` for node `id` to exit on its own, and reaps it.
+    pub async fn wait_exit(
+        &mut self,
+        id: u64,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let node = self.node_mut(id);
+            let Some(child) = node.child.as_mut() else {
+                bail!("node {id} is not running");
+            };
+            if let Some(status) = child.try_wait()? {
+                node.child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "node {id} still runs after {within:?}\n{}",
+                    self.log_tails()
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -3,6 +3,10 @@
 //! Latencies go into HDR histograms; what came back is checked (ids unique, group_seq dense
 //! and never duplicated) and a violation fails the run.
 //!
+//! The run ends at its duration whatever the servers do: every call is bounded by
+//! CALL_LIMIT, subscribers drain for at most DRAIN_LIMIT after the callers stop, and what
+//! failed is reported as errors by code (errors do not fail the run; violations do).
+//!
 //! The same harness loads etcd (a Put's revision is the id) and Redis (INCR), for comparison.
 
 mod etcd;
@@ -10,7 +14,7 @@ mod redis;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,9 +22,22 @@ use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use sequencer_client::{code_name, Client, Identity, Tls};
 use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::Code;
 
-/// How long one call may take, retries included, before it counts as an error.
+/// How long the client keeps retrying one call before it gives up with an error.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
+/// The client checks its deadline only between attempts, so a call against dead servers can
+/// overrun it: past this a call is dropped as DEADLINE_EXCEEDED. Also how long past the end a
+/// call in flight may finish.
+const CALL_LIMIT: Duration = Duration::from_secs(3);
+/// After the callers stop, a subscriber whose stream has been quiet this long has seen it all.
+const QUIET: Duration = Duration::from_secs(1);
+/// The longest a subscriber goes on after the callers stop, whatever its servers do.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// Between two attempts to resubscribe.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
 
 /// What each caller does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -74,10 +91,53 @@ struct Tally {
     ids: Vec<(u64, u64)>,
 }
 
-/// What the subscribers saw, for `send`.
+/// What one subscriber saw, for `send`.
+#[derive(Default)]
 struct Deliveries {
     messages: u64,
     problems: Vec<String>,
+    /// Broken streams and failed (re)subscriptions, by code.
+    errors: HashMap<&'static str, u64>,
+    /// Why it could not follow the group to the end (its server stopped answering), if so:
+    /// then what it missed is not a violation.
+    cut_short: Option<&'static str>,
+}
+
+/// What all the subscribers saw, for the report.
+struct Subscriptions {
+    delivered: u64,
+    errors: BTreeMap<&'static str, u64>,
+    /// Subscribers that missed acknowledged messages because their server stopped answering.
+    cut_short: usize,
+    total: usize,
+}
+
+/// A spawned task that is aborted if dropped, so an early return leaves nothing running.
+struct Task<T>(JoinHandle<T>);
+
+impl<T> Task<T> {
+    fn spawn(f: impl std::future::Future<Output = T> + Send + 'static) -> Self
+    where
+        T: Send + 'static,
+    {
+        Self(tokio::spawn(f))
+    }
+
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+
+    /// Aborts the task and waits until it is gone.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -99,7 +159,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     }
     let clients = connect(&opts)?;
-    let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
 
@@ -107,6 +166,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let group = format!("bench-{}", std::process::id());
     let mut identities = Vec::new();
     let mut subscribers = Vec::new();
+    let mut heartbeats = None;
+    // Once every caller has stopped: how many sends were acknowledged.
+    let (finished, finished_rx) = watch::channel(None::<u64>);
     if opts.mode == Mode::Send {
         let first = &clients[0][0];
         let registered = first.register("bench-watcher").await?;
@@ -118,14 +180,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             .max(Duration::from_millis(1));
         let alive = Arc::new(std::sync::Mutex::new(vec![watcher.clone()]));
         {
-            let (client, alive, stop) = (first.clone(), alive.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
+            let (client, alive) = (first.clone(), alive.clone());
+            heartbeats = Some(Task::spawn(async move {
+                loop {
                     let all = alive.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     futures::future::join_all(all.iter().map(|me| client.heartbeat(me))).await;
                     tokio::time::sleep(beat_every).await;
                 }
-            });
+            }));
         }
         first.join(&watcher, &group).await?;
         for i in 0..opts.concurrency {
@@ -138,11 +200,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             identities.push(me);
         }
         for server in &clients {
-            subscribers.push(tokio::spawn(subscribe(
+            subscribers.push(Task::spawn(subscribe(
                 server[0].clone(),
                 watcher.clone(),
                 group.clone(),
-                stop.clone(),
+                finished_rx.clone(),
             )));
         }
     }
@@ -168,33 +230,34 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         conns.push(match opts.system {
             System::Sequencer => Conn::Sequencer(clients[server][connection].clone()),
             System::Etcd => Conn::Etcd(Box::new(etcd_channels[server][connection].clone())),
-            System::Redis => Conn::Redis(redis::Conn::connect(&opts.servers[server], &key).await?),
+            System::Redis => {
+                Conn::Redis(redis::Conn::connect(&opts.servers[server], &key, CALL_DEADLINE).await?)
+            }
         });
     }
     let started = Instant::now();
+    let end = tokio::time::Instant::from_std(started + opts.duration);
     let mut callers = Vec::new();
     for (i, conn) in conns.into_iter().enumerate() {
         let me = identities.get(i).cloned();
-        callers.push(tokio::spawn(caller(
+        callers.push(Task::spawn(caller(
             opts.mode,
             opts.count,
             opts.payload,
             conn,
             me,
             group.clone(),
-            stop.clone(),
+            end,
             done.clone(),
             failed.clone(),
         )));
     }
     let progress = progress_line(&opts, started, done.clone(), failed.clone());
-    tokio::time::sleep(opts.duration).await;
-    stop.store(true, Ordering::Relaxed);
     let mut latency = Histogram::<u64>::new(3).context("histogram")?;
     let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut ranges = Vec::new();
     for c in callers {
-        let t = c.await.context("a caller panicked")?;
+        let t = c.join().await.context("a caller panicked")?;
         if let Some(h) = &t.latency {
             latency.add(h).context("merging histograms")?;
         }
@@ -209,31 +272,55 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     let mut problems = Vec::new();
-    let mut delivered = None;
+    let mut subscriptions = None;
     match opts.mode {
         Mode::GetId | Mode::GetIds => problems.extend(overlaps(&mut ranges)),
         Mode::Send => {
             let sent = latency.len();
-            let mut per_server = Vec::new();
-            for s in subscribers {
-                let d = s.await.context("a subscriber panicked")?;
+            finished.send_replace(Some(sent));
+            let mut s = Subscriptions {
+                delivered: 0,
+                errors: BTreeMap::new(),
+                cut_short: 0,
+                total: subscribers.len(),
+            };
+            for (i, task) in subscribers.into_iter().enumerate() {
+                let d = task.join().await.context("a subscriber panicked")?;
                 problems.extend(d.problems);
-                per_server.push(d.messages);
-            }
-            // Every subscriber must have seen at least every acknowledged message.
-            for (i, got) in per_server.iter().enumerate() {
-                if *got < sent {
-                    problems.push(format!(
-                        "subscriber on server {} saw {got} messages of {sent} acknowledged",
-                        i + 1
-                    ));
+                for (code, n) in d.errors {
+                    *s.errors.entry(code).or_default() += n;
+                }
+                s.delivered += d.messages;
+                // Every subscriber must have seen at least every acknowledged message, unless
+                // its server stopped answering first.
+                if d.messages < sent {
+                    if d.cut_short.is_some() {
+                        s.cut_short += 1;
+                    } else {
+                        problems.push(format!(
+                            "subscriber on server {} saw {} messages of {sent} acknowledged",
+                            i + 1,
+                            d.messages
+                        ));
+                    }
                 }
             }
-            delivered = Some(per_server.iter().sum::<u64>());
+            subscriptions = Some(s);
         }
         Mode::Ping => {}
     }
-    report(&opts, elapsed, &latency, &errors, delivered, &problems);
+    // Only now: the server must not drop the watcher while its subscribers drain.
+    if let Some(h) = heartbeats {
+        h.stop().await;
+    }
+    report(
+        &opts,
+        elapsed,
+        &latency,
+        &errors,
+        subscriptions.as_ref(),
+        &problems,
+    );
     if !problems.is_empty() {
         bail!("{} violation(s), first: {}", problems.len(), problems[0]);
     }
@@ -270,7 +357,7 @@ async fn caller(
     mut conn: Conn,
     me: Option<Identity>,
     group: String,
-    stop: Arc<AtomicBool>,
+    end: tokio::time::Instant,
     done: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
 ) -> Tally {
@@ -278,38 +365,48 @@ async fn caller(
         latency: Histogram::new(3).ok(),
         ..Tally::default()
     };
+    if mode == Mode::Send && me.is_none() {
+        return t;
+    }
     let mut seq = 1;
     let body = vec![b'x'; payload];
-    while !stop.load(Ordering::Relaxed) {
+    while tokio::time::Instant::now() < end {
         let start = Instant::now();
-        let res: Result<Option<(u64, u64)>, &'static str> = match &mut conn {
-            Conn::Sequencer(client) => match mode {
-                Mode::GetId => client.get_id("").await.map(|r| Some((r.id, 1))),
-                Mode::GetIds => client
-                    .get_ids("", count)
-                    .await
-                    .map(|r| Some((r.first, u64::from(r.count)))),
-                Mode::Ping => client.ping().await.map(|_| None),
-                Mode::Send => match &me {
-                    Some(me) => client
-                        .send(me, &group, seq, body.clone())
+        let call = async {
+            match &mut conn {
+                Conn::Sequencer(client) => match mode {
+                    Mode::GetId => client.get_id("").await.map(|r| Some((r.id, 1))),
+                    Mode::GetIds => client
+                        .get_ids("", count)
                         .await
-                        .map(|_| None),
-                    None => return t,
-                },
+                        .map(|r| Some((r.first, u64::from(r.count)))),
+                    Mode::Ping => client.ping().await.map(|_| None),
+                    Mode::Send => {
+                        let me = me.as_ref().expect("checked above");
+                        client
+                            .send(me, &group, seq, body.clone())
+                            .await
+                            .map(|_| None)
+                    }
+                }
+                .map_err(|e| code_name(e.code())),
+                Conn::Etcd(etcd) => match mode {
+                    Mode::Ping => etcd.ping().await.map(|_| None),
+                    _ => etcd.put().await.map(|revision| Some((revision, 1))),
+                }
+                .map_err(|s| code_name(s.code())),
+                Conn::Redis(redis) => match mode {
+                    Mode::Ping => redis.ping(CALL_DEADLINE).await.map(|_| None),
+                    _ => redis.incr(CALL_DEADLINE).await.map(|n| Some((n, 1))),
+                }
+                .map_err(|e| e.name()),
             }
-            .map_err(|e| code_name(e.code())),
-            Conn::Etcd(etcd) => match mode {
-                Mode::Ping => etcd.ping().await.map(|_| None),
-                _ => etcd.put().await.map(|revision| Some((revision, 1))),
-            }
-            .map_err(|s| code_name(s.code())),
-            Conn::Redis(redis) => match mode {
-                Mode::Ping => redis.ping(CALL_DEADLINE).await.map(|_| None),
-                _ => redis.incr(CALL_DEADLINE).await.map(|n| Some((n, 1))),
-            }
-            .map_err(|e| e.name()),
         };
+        let res: Result<Option<(u64, u64)>, &'static str> =
+            match tokio::time::timeout(CALL_LIMIT, call).await {
+                Ok(res) => res,
+                Err(_) => Err(code_name(Code::DeadlineExceeded)),
+            };
         let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         match res {
             Ok(range) => {
@@ -331,53 +428,128 @@ async fn caller(
     t
 }
 
-/// Reads the group from the first delivery after joining until the run stops and the stream
-/// goes quiet, checking that group_seq is dense and never repeats.
+/// Follows the group from its first delivery, checking that group_seq is dense and never
+/// repeats, and resubscribes where it stopped if the stream breaks. Once the callers have
+/// stopped (`finished` holds what they sent) it drains until the stream has been quiet for
+/// QUIET, and for DRAIN_LIMIT at most.
 async fn subscribe(
     client: Arc<Client>,
     me: Identity,
     group: String,
-    stop: Arc<AtomicBool>,
+    mut finished: watch::Receiver<Option<u64>>,
 ) -> Deliveries {
-    let mut d = Deliveries {
-        messages: 0,
-        problems: Vec::new(),
+    let mut d = Deliveries::default();
+    let mut limit_rx = finished.clone();
+    let limit = async move {
+        let _ = limit_rx.wait_for(|f| f.is_some()).await;
+        tokio::time::sleep(DRAIN_LIMIT).await;
     };
-    let mut stream = match client.subscribe(&me, &group, 1).await {
-        Ok(s) => s,
-        Err(e) => {
-            d.problems.push(format!("subscribe: {e}"));
-            return d;
-        }
+    let out_of_time = tokio::select! {
+        _ = follow(&client, &me, &group, &mut finished, &mut d) => false,
+        _ = limit => true,
     };
+    if out_of_time {
+        *d.errors
+            .entry(code_name(Code::DeadlineExceeded))
+            .or_default() += 1;
+        d.cut_short.get_or_insert(code_name(Code::DeadlineExceeded));
+    }
+    d
+}
+
+/// A subscription that failed this way may work again: the server went away or did not
+/// answer in time, or it cut a subscriber that fell behind.
+fn transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+    )
+}
+
+async fn follow(
+    client: &Client,
+    me: &Identity,
+    group: &str,
+    finished: &mut watch::Receiver<Option<u64>>,
+    d: &mut Deliveries,
+) {
     let mut next = 1;
     loop {
-        // After the stop, drain until the stream has been quiet for a second.
-        let wait = if stop.load(Ordering::Relaxed) {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(3600)
+        let opened = match tokio::time::timeout(CALL_LIMIT, client.subscribe(me, group, next)).await
+        {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) if !transient(e.code()) => {
+                d.problems.push(format!("subscribe: {e}"));
+                return;
+            }
+            Ok(Err(e)) => Err(code_name(e.code())),
+            Err(_) => Err(code_name(Code::DeadlineExceeded)),
         };
-        match tokio::time::timeout(wait, stream.message()).await {
-            Ok(Ok(Some(delivery))) => {
-                if delivery.group_seq != next {
-                    d.problems.push(format!(
-                        "group_seq {} arrived where {next} was due",
-                        delivery.group_seq
-                    ));
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err(code) => {
+                *d.errors.entry(code).or_default() += 1;
+                // Once the callers have stopped, a server that cannot be reached ends it.
+                if finished.borrow().is_some() {
+                    d.cut_short = Some(code);
+                    return;
                 }
-                next = delivery.group_seq + 1;
-                if delivery.kind == sequencer_client::pb::delivery::Kind::Message as i32 {
-                    d.messages += 1;
+                tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
+                continue;
+            }
+        };
+        loop {
+            let sent = *finished.borrow_and_update();
+            tokio::select! {
+                got = stream.message() => match got {
+                    Ok(Some(delivery)) => {
+                        if delivery.group_seq != next {
+                            d.problems.push(format!(
+                                "group_seq {} arrived where {next} was due",
+                                delivery.group_seq
+                            ));
+                        }
+                        next = delivery.group_seq + 1;
+                        if delivery.kind == sequencer_client::pb::delivery::Kind::Message as i32 {
+                            d.messages += 1;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) if transient(status.code()) => {
+                        *d.errors.entry(code_name(status.code())).or_default() += 1;
+                        break;
+                    }
+                    Err(status) => {
+                        d.problems.push(format!("subscription broke: {status}"));
+                        return;
+                    }
+                },
+                changed = finished.changed(), if sent.is_none() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(QUIET), if sent.is_some() => {
+                    if d.messages < sent.unwrap_or(0) {
+                        // Short of what was acknowledged: a server that no longer answers
+                        // explains it; one that answers and did not deliver is a violation.
+                        let code = match tokio::time::timeout(CALL_LIMIT, client.ping()).await {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => Some(code_name(e.code())),
+                            Err(_) => Some(code_name(Code::DeadlineExceeded)),
+                        };
+                        if let Some(code) = code {
+                            *d.errors.entry(code).or_default() += 1;
+                            d.cut_short = Some(code);
+                        }
+                    }
+                    return;
                 }
             }
-            Ok(Ok(None)) => return d,
-            Ok(Err(e)) => {
-                d.problems.push(format!("subscription broke: {e}"));
-                return d;
-            }
-            Err(_) if stop.load(Ordering::Relaxed) => return d,
-            Err(_) => {}
         }
     }
 }
@@ -433,9 +605,10 @@ fn report(
     elapsed: Duration,
     latency: &Histogram<u64>,
     errors: &BTreeMap<&'static str, u64>,
-    delivered: Option<u64>,
+    subscriptions: Option<&Subscriptions>,
     problems: &[String],
 ) {
+    let delivered = subscriptions.map(|s| s.delivered);
     let secs = elapsed.as_secs_f64();
     let ops = latency.len();
     let per_op = if opts.mode == Mode::GetIds {
@@ -468,6 +641,8 @@ fn report(
                     "max": latency.max(),
                 },
                 "errors": errors,
+                "subscriber_errors": subscriptions.map(|s| &s.errors),
+                "subscribers_cut_short": subscriptions.map(|s| s.cut_short),
                 "violations": problems.len(),
             })
         );
@@ -496,11 +671,22 @@ fn report(
         q(0.999),
         latency.max()
     );
+    let list = |errors: &BTreeMap<&'static str, u64>| {
+        let all: Vec<String> = errors.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        all.join(", ")
+    };
     if errors.is_empty() {
         println!("  errors     none");
     } else {
-        let list: Vec<String> = errors.iter().map(|(c, n)| format!("{c} {n}")).collect();
-        println!("  errors     {}", list.join(", "));
+        println!("  errors     {}", list(errors));
+    }
+    if let Some(s) = subscriptions.filter(|s| !s.errors.is_empty()) {
+        println!(
+            "  subscribers  {} of {} cut short by their server (not checked); errors {}",
+            s.cut_short,
+            s.total,
+            list(&s.errors)
+        );
     }
     println!(
         "  checks     {}",

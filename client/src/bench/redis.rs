@@ -9,7 +9,10 @@ use tokio::net::TcpStream;
 
 /// One caller's connection.
 pub struct Conn {
-    stream: BufReader<TcpStream>,
+    addr: String,
+    /// None after a call that did not end with a whole answer (cut short, broken): the next
+    /// call connects afresh rather than read an answer meant for the one before.
+    stream: Option<BufReader<TcpStream>>,
     incr: Vec<u8>,
     line: String,
 }
@@ -35,14 +38,16 @@ impl CallError {
 }
 
 impl Conn {
-    /// Connects to `addr` (host:port); `key` is the counter INCR bumps.
-    pub async fn connect(addr: &str, key: &str) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr)
+    /// Connects to `addr` (host:port) within `deadline`; `key` is the counter INCR bumps.
+    pub async fn connect(addr: &str, key: &str, deadline: Duration) -> anyhow::Result<Self> {
+        let stream = tokio::time::timeout(deadline, open(addr))
             .await
+            .map_err(|_| anyhow::anyhow!("no answer within {deadline:?}"))
+            .and_then(|r| Ok(r?))
             .with_context(|| format!("connecting to redis at {addr}"))?;
-        stream.set_nodelay(true)?;
         Ok(Self {
-            stream: BufReader::new(stream),
+            addr: addr.to_string(),
+            stream: Some(stream),
             incr: command(&["INCR", key]),
             line: String::new(),
         })
@@ -66,10 +71,20 @@ impl Conn {
 
     async fn call(&mut self, request: &[u8], deadline: Duration) -> Result<Answer, CallError> {
         let exchange = async {
-            self.stream.get_mut().write_all(request).await?;
+            // Taken for the call and put back only with a whole answer read, so a call that
+            // is dropped half way leaves nothing behind for the next one.
+            let mut stream = match self.stream.take() {
+                Some(s) => s,
+                None => open(&self.addr).await?,
+            };
+            stream.get_mut().write_all(request).await?;
             self.line.clear();
-            self.stream.read_line(&mut self.line).await?;
-            Ok::<_, std::io::Error>(parse(&self.line))
+            stream.read_line(&mut self.line).await?;
+            let answer = parse(&self.line);
+            if answer.is_some() {
+                self.stream = Some(stream);
+            }
+            Ok::<_, std::io::Error>(answer)
         };
         match tokio::time::timeout(deadline, exchange).await {
             Ok(Ok(Some(Answer::Error(_)))) => Err(CallError::Refused),
@@ -78,6 +93,12 @@ impl Conn {
             Err(_) => Err(CallError::Timeout),
         }
     }
+}
+
+async fn open(addr: &str) -> std::io::Result<BufReader<TcpStream>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(BufReader::new(stream))
 }
 
 /// A one-line RESP answer: all INCR and PING return.
@@ -174,14 +195,56 @@ pub(crate) mod tests {
     async fn incr_ping_and_refusals_over_a_socket() {
         let addr = fake_redis(false).await;
         let t = Duration::from_secs(5);
-        let mut a = Conn::connect(&addr, "bench").await.unwrap();
-        let mut b = Conn::connect(&addr, "bench").await.unwrap();
+        let mut a = Conn::connect(&addr, "bench", t).await.unwrap();
+        let mut b = Conn::connect(&addr, "bench", t).await.unwrap();
         assert_eq!(a.ping(t).await, Ok(()));
         assert_eq!(a.incr(t).await, Ok(1));
         assert_eq!(b.incr(t).await, Ok(2));
         assert_eq!(a.incr(t).await, Ok(3));
-        let mut wrong = Conn::connect(&addr, "other").await.unwrap();
+        let mut wrong = Conn::connect(&addr, "other", t).await.unwrap();
         assert_eq!(wrong.incr(t).await, Err(CallError::Refused));
-        assert!(Conn::connect("127.0.0.1:1", "bench").await.is_err());
+        assert!(Conn::connect("127.0.0.1:1", "bench", t).await.is_err());
+    }
+
+    /// A call given up on (the bench drops any call still running past its deadline) must
+    /// not leave its answer on the connection for the next call to take as its own.
+    #[tokio::test]
+    async fn a_call_cut_short_leaves_no_answer_behind() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (go, gate) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            // The first connection answers only once told to, and then as a stale INCR would.
+            let (mut slow, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = gate.await;
+                let _ = slow.write_all(b":41\r\n").await;
+                let mut rest = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut rest).await;
+            });
+            // Any later one answers PING at once.
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                        .await
+                        .unwrap_or(0)
+                        > 0
+                    {
+                        let _ = s.write_all(b"+PONG\r\n").await;
+                    }
+                });
+            }
+        });
+        let mut c = Conn::connect(&addr, "bench", Duration::from_secs(5))
+            .await
+            .unwrap();
+        {
+            let cut = c.incr(Duration::from_secs(5));
+            tokio::pin!(cut);
+            assert!(futures::poll!(cut.as_mut()).is_pending());
+        }
+        go.send(()).unwrap();
+        assert_eq!(c.ping(Duration::from_secs(5)).await, Ok(()));
     }
 }

@@ -48,6 +48,9 @@ impl Cluster for ClusterApi {
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let m = self.raft.metrics().borrow().clone();
+        // A node whose Raft has stopped serves nothing, whatever it last heard.
+        let stopped = m.running_state.is_err();
+        let leader = if stopped { None } else { m.current_leader };
         let pings = self.nodes.iter().map(|n| async move {
             match self.peers.get(n.id) {
                 None => n.id == self.id,
@@ -64,17 +67,21 @@ impl Cluster for ClusterApi {
                 addr: n.addr.clone(),
                 peer_addr: n.peer_addr.clone(),
                 reachable,
-                primary: m.current_leader == Some(n.id),
+                primary: leader == Some(n.id),
             })
             .collect();
         Ok(Response::new(StatusResponse {
             node_id: wire_id(self.id),
-            primary: m.current_leader.map(wire_id).unwrap_or(0),
+            primary: leader.map(wire_id).unwrap_or(0),
             term: m.current_term,
             commit_index: self.commit.get().unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             nodes,
-            role: format!("{:?}", m.state).to_lowercase(),
+            role: if stopped {
+                "stopped".into()
+            } else {
+                format!("{:?}", m.state).to_lowercase()
+            },
         }))
     }
 }

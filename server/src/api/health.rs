@@ -1,10 +1,15 @@
-//! Health follows the primary: SERVING only while this node knows one. The same watcher tells
-//! the story at info level: who is primary, and when that changes.
+//! Health follows the primary: SERVING only while this node knows one and Raft runs, and never
+//! again once the node starts shutting down. The same watcher tells the story at info level:
+//! who is primary, and when that changes.
 
+use std::future::Future;
+
+use openraft::{BasicNode, RaftMetrics};
 use sequencer_proto::v1::cluster_server::ClusterServer;
 use sequencer_proto::v1::messenger_server::MessengerServer;
 use sequencer_proto::v1::sequencer_server::SequencerServer;
 use sequencer_proto::v1::tracker_server::TrackerServer;
+use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -32,10 +37,44 @@ async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Runs until Raft stops.
+/// Runs until Raft stops; NOT_SERVING from then on.
 pub async fn watch_primary(id: NodeId, raft: Raft, reporter: HealthReporter) {
-    set_all(&reporter, ServingStatus::NotServing).await;
-    let mut metrics = raft.metrics();
+    watch_primary_until(id, raft, reporter, std::future::pending()).await
+}
+
+/// Runs until Raft stops or `shutdown` resolves (the node's first step out, before its
+/// listeners drain); NOT_SERVING from then on, so balancers stop sending before the node goes.
+pub async fn watch_primary_until(
+    id: NodeId,
+    raft: Raft,
+    reporter: HealthReporter,
+    shutdown: impl Future<Output = ()>,
+) {
+    follow(id, raft.metrics(), &reporter, shutdown).await;
+}
+
+type Metrics = watch::Receiver<RaftMetrics<NodeId, BasicNode>>;
+
+async fn follow(
+    id: NodeId,
+    metrics: Metrics,
+    reporter: &HealthReporter,
+    shutdown: impl Future<Output = ()>,
+) {
+    set_all(reporter, ServingStatus::NotServing).await;
+    track(id, metrics, reporter, shutdown).await;
+    // Whichever way tracking ended, this node serves no more.
+    set_all(reporter, ServingStatus::NotServing).await;
+}
+
+/// Follows the metrics until Raft stops, its metrics end, or `shutdown` resolves.
+async fn track(
+    id: NodeId,
+    mut metrics: Metrics,
+    reporter: &HealthReporter,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
     let mut known: Option<Option<NodeId>> = None;
     loop {
         let (leader, term, running) = {
@@ -47,7 +86,6 @@ pub async fn watch_primary(id: NodeId, raft: Raft, reporter: HealthReporter) {
             if !matches!(fatal, openraft::error::Fatal::Stopped) {
                 tracing::error!(node = id, error = %fatal, "raft stopped; this node no longer serves");
             }
-            set_all(&reporter, ServingStatus::NotServing).await;
             return;
         }
         if known != Some(leader) {
@@ -63,11 +101,114 @@ pub async fn watch_primary(id: NodeId, raft: Raft, reporter: HealthReporter) {
             } else {
                 ServingStatus::NotServing
             };
-            set_all(&reporter, status).await;
+            set_all(reporter, status).await;
             known = Some(leader);
         }
-        if metrics.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    // Raft's core ended without reporting why (it panicked).
+                    tracing::error!(node = id, "raft metrics ended; this node no longer serves");
+                    return;
+                }
+            }
+            () = &mut shutdown => {
+                tracing::info!(node = id, "shutting down; health says not serving");
+                return;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    use tonic_health::pb::health_server::Health;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::server::HealthService;
+
+    use super::*;
+
+    /// What Check says for every service (`None`: not registered yet).
+    async fn statuses(health: &HealthService) -> Vec<Option<Wire>> {
+        let mut out = Vec::new();
+        for s in services() {
+            let req = tonic::Request::new(HealthCheckRequest { service: s.into() });
+            let status = health.check(req).await.ok().map(|r| r.into_inner().status);
+            out.push(status.map(|s| Wire::try_from(s).unwrap()));
+        }
+        out
+    }
+
+    async fn all_not_serving(health: &HealthService) -> bool {
+        statuses(health)
+            .await
+            .iter()
+            .all(|s| *s == Some(Wire::NotServing))
+    }
+
+    async fn wait_for(health: &HealthService, want: Wire) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = statuses(health).await;
+            if now.iter().all(|s| *s == Some(want)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "health never said {want:?} for every service: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A watcher on metrics we control, SERVING with node 1 as primary.
+    async fn serving(
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (
+        watch::Sender<RaftMetrics<NodeId, BasicNode>>,
+        HealthService,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, rx) = watch::channel(RaftMetrics::new_initial(1));
+        let reporter = HealthReporter::new();
+        let health = HealthService::from_health_reporter(reporter.clone());
+        let task = tokio::spawn(async move { follow(1, rx, &reporter, shutdown).await });
+        wait_for(&health, Wire::NotServing).await;
+        tx.send_modify(|m| m.current_leader = Some(1));
+        wait_for(&health, Wire::Serving).await;
+        (tx, health, task)
+    }
+
+    #[tokio::test]
+    async fn health_says_not_serving_when_raft_metrics_end() {
+        let (tx, health, task) = serving(std::future::pending()).await;
+        // Raft's core died without a last word: its metrics sender is gone.
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the watcher ends with the metrics")
+            .unwrap();
+        assert!(all_not_serving(&health).await);
+    }
+
+    #[tokio::test]
+    async fn health_says_not_serving_as_soon_as_the_node_shuts_down() {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tx, health, task) = serving(async {
+            let _ = stopped.await;
+        })
+        .await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the watcher ends at shutdown")
+            .unwrap();
+        assert!(all_not_serving(&health).await);
+        // Raft still runs and knows its primary, and health stays NOT_SERVING.
+        tx.send_modify(|m| m.current_term += 1);
+        assert!(all_not_serving(&health).await);
     }
 }

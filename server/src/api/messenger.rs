@@ -1,15 +1,18 @@
 //! `sequencer.v1.Messenger`: Send through the batcher to the primary; Subscribe from this
 //! node's own applied state, woken by the state machine, never by asking the primary.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::Stream;
 use sequencer_proto::v1::messenger_server::Messenger;
 use sequencer_proto::v1::{
     delivery, Delivery, SendRequest as PbSend, SendResponse, SubscribeRequest,
 };
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::checked_name;
@@ -27,15 +30,30 @@ const READ_CHUNK_BYTES: usize = 1024 * 1024;
 /// A subscriber whose buffer stays full this long is cut off as too slow.
 const SLOW_SUBSCRIBER_GRACE: Duration = Duration::from_secs(1);
 
+/// What subscribers may hold on this node.
+#[derive(Debug, Clone, Copy)]
+pub struct SubscriberLimits {
+    /// Deliveries queued per subscriber (subscriber_buffer).
+    pub buffer: usize,
+    /// Payload bytes queued per subscriber and not yet taken by the transport
+    /// (subscriber_buffer_bytes).
+    pub buffer_bytes: usize,
+    /// Open subscriptions on this node (max_subscribers).
+    pub max: usize,
+    /// Open subscriptions of one client_id on this node (max_subscribers_per_client).
+    pub max_per_client: usize,
+}
+
 pub struct MessengerApi {
     sender: Sender,
     reader: StateReader,
     proposer: Proposer,
     max_payload_bytes: u32,
-    subscriber_buffer: usize,
+    limits: SubscriberLimits,
     /// One permit per open subscription (max_subscribers).
     subscribers: Arc<Semaphore>,
-    max_subscribers: usize,
+    /// Open subscriptions per client_id (max_subscribers_per_client).
+    per_client: Arc<Mutex<HashMap<u64, usize>>>,
     /// Ends every subscription when the node stops.
     stop: watch::Receiver<bool>,
 }
@@ -46,20 +64,46 @@ impl MessengerApi {
         reader: StateReader,
         proposer: Proposer,
         max_payload_bytes: u32,
-        subscriber_buffer: usize,
-        max_subscribers: usize,
+        limits: SubscriberLimits,
         stop: watch::Receiver<bool>,
     ) -> Self {
+        let limits = SubscriberLimits {
+            buffer: limits.buffer.max(2),
+            // At least one payload fits (config ensures it), and a Semaphore has a ceiling.
+            buffer_bytes: limits
+                .buffer_bytes
+                .max(max_payload_bytes as usize)
+                .clamp(1, Semaphore::MAX_PERMITS),
+            ..limits
+        };
         Self {
             sender,
             reader,
             proposer,
             max_payload_bytes,
-            subscriber_buffer: subscriber_buffer.max(2),
-            subscribers: Arc::new(Semaphore::new(max_subscribers)),
-            max_subscribers,
+            subscribers: Arc::new(Semaphore::new(limits.max)),
+            per_client: Arc::default(),
+            limits,
             stop,
         }
+    }
+
+    /// A place for one more subscription of `client_id`, or why not.
+    fn client_place(&self, client_id: u64) -> Result<ClientPlace, Error> {
+        let mut open = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(client_id).or_insert(0);
+        if *n >= self.limits.max_per_client {
+            return Err(Error::ResourceExhausted(format!(
+                "client {client_id} already has {} open subscriptions on this node, the most \
+                 one client may hold (max_subscribers_per_client); close one first",
+                self.limits.max_per_client
+            )));
+        }
+        *n += 1;
+        Ok(ClientPlace {
+            open: self.per_client.clone(),
+            client_id,
+        })
     }
 
     /// Membership as this node knows it; if that says no, catch up with the primary and ask again,
@@ -82,7 +126,38 @@ impl MessengerApi {
     }
 }
 
-type DeliveryStream = ReceiverStream<Result<Delivery, Status>>;
+/// One queued item, with the share of subscriber_buffer_bytes it holds until the transport
+/// takes it.
+type Queued = (Result<Delivery, Status>, Option<OwnedSemaphorePermit>);
+
+/// A subscriber's deliveries as tonic takes them: each gives its bytes back as it goes.
+pub struct DeliveryStream(mpsc::Receiver<Queued>);
+
+impl Stream for DeliveryStream {
+    type Item = Result<Delivery, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|q| q.map(|(item, _bytes)| item))
+    }
+}
+
+/// One open subscription of a client, counted until dropped.
+struct ClientPlace {
+    open: Arc<Mutex<HashMap<u64, usize>>>,
+    client_id: u64,
+}
+
+impl Drop for ClientPlace {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.client_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client_id);
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Messenger for MessengerApi {
@@ -150,26 +225,29 @@ impl Messenger for MessengerApi {
             ))
             .into());
         }
+        let place = self.client_place(req.client_id)?;
         let Ok(permit) = self.subscribers.clone().try_acquire_owned() else {
             return Err(Error::ResourceExhausted(format!(
                 "this node already serves {} subscriptions (max_subscribers); subscribe on \
                  another server or later",
-                self.max_subscribers
+                self.limits.max
             ))
             .into());
         };
-        let (tx, rx) = mpsc::channel(self.subscriber_buffer);
+        let (tx, rx) = mpsc::channel(self.limits.buffer);
         let feed = Feed {
             _permit: permit,
+            _place: place,
             reader: self.reader.clone(),
             group,
             client_id: req.client_id,
             next: from,
-            buffer: self.subscriber_buffer,
+            limits: self.limits,
+            bytes: Arc::new(Semaphore::new(self.limits.buffer_bytes)),
             tx,
         };
         tokio::spawn(feed.run(wake, self.stop.clone()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(DeliveryStream(rx)))
     }
 }
 
@@ -197,12 +275,16 @@ fn out_of_range(group: &str, from: u64, oldest: u64) -> Error {
 struct Feed {
     /// Released when the feed ends.
     _permit: OwnedSemaphorePermit,
+    _place: ClientPlace,
     reader: StateReader,
     group: String,
     client_id: u64,
     next: u64,
-    buffer: usize,
-    tx: mpsc::Sender<Result<Delivery, Status>>,
+    limits: SubscriberLimits,
+    /// subscriber_buffer_bytes: each queued delivery holds its payload's worth until the
+    /// transport takes it, whatever window the client grants.
+    bytes: Arc<Semaphore>,
+    tx: mpsc::Sender<Queued>,
 }
 
 enum Step {
@@ -238,7 +320,7 @@ impl Feed {
                     },
                     _ = self.tx.closed() => return,
                     _ = stop.wait_for(|s| *s) => {
-                        let _ = self.tx.try_send(Err(Status::unavailable("server shutting down; resubscribe elsewhere")));
+                        let _ = self.tx.try_send((Err(Status::unavailable("server shutting down; resubscribe elsewhere")), None));
                         return;
                     }
                 }
@@ -247,16 +329,18 @@ impl Feed {
     }
 
     async fn step(&mut self) -> Step {
+        // No more than the byte budget in hand at once, on top of what is queued.
+        let chunk_bytes = READ_CHUNK_BYTES.min(self.limits.buffer_bytes);
         let Some(slice) = self.reader.read(|a| {
             a.state
                 .groups
-                .read(&self.group, self.next, READ_CHUNK, READ_CHUNK_BYTES)
+                .read(&self.group, self.next, READ_CHUNK, chunk_bytes)
         }) else {
             return Step::Done;
         };
         if self.next < slice.oldest {
             let e = out_of_range(&self.group, self.next, slice.oldest);
-            let _ = self.tx.try_send(Err(e.into()));
+            let _ = self.tx.try_send((Err(e.into()), None));
             return Step::Done;
         }
         let more = slice
@@ -264,30 +348,14 @@ impl Feed {
             .last()
             .is_some_and(|d| d.group_seq + 1 < slice.next_seq);
         for d in slice.deliveries {
-            // Room for this delivery and one more, so the last slot is always free for the
-            // error that tells a slow subscriber where to resume.
-            let permits =
-                match tokio::time::timeout(SLOW_SUBSCRIBER_GRACE, self.tx.reserve_many(2)).await {
-                    Ok(Ok(permits)) => permits,
-                    Ok(Err(_)) => return Step::Done,
-                    Err(_) => {
-                        let e = Error::SlowSubscriber(format!(
-                        "subscriber too slow: {} deliveries queued for {} ms (subscriber_buffer); \
-                         resubscribe with from_seq {}",
-                        self.buffer - 1,
-                        SLOW_SUBSCRIBER_GRACE.as_millis(),
-                        self.next
-                    ));
-                        let _ = self.tx.try_send(Err(e.into()));
-                        return Step::Done;
-                    }
-                };
+            let Some((permit, bytes)) = self.room_for(&d).await else {
+                return Step::Done;
+            };
             let own_exit =
                 d.sender_id == self.client_id && matches!(d.kind, Kind::Left | Kind::Failed);
-            self.next = d.group_seq + 1;
-            if let Some(permit) = permits.into_iter().next() {
-                permit.send(Ok(to_pb(d)));
-            }
+            let seq = d.group_seq;
+            permit.send((Ok(to_pb(d)), Some(bytes)));
+            self.next = seq + 1;
             // The stream ends with this client's last leave; an old one replayed from before a
             // rejoin does not end it.
             if own_exit
@@ -302,6 +370,54 @@ impl Feed {
             Step::More
         } else {
             Step::Wait
+        }
+    }
+
+    /// Waits for a queue slot and `d`'s bytes; `None` once the stream is over: the subscriber
+    /// went away, or stayed too slow for the grace period and was told where to resume.
+    async fn room_for(
+        &self,
+        d: &StateDelivery,
+    ) -> Option<(mpsc::Permit<'_, Queued>, OwnedSemaphorePermit)> {
+        let deadline = tokio::time::Instant::now() + SLOW_SUBSCRIBER_GRACE;
+        let grace = SLOW_SUBSCRIBER_GRACE.as_millis();
+        // Room for this delivery and one more, so the last slot is always free for the error
+        // that tells a slow subscriber where to resume.
+        let mut permits = match tokio::time::timeout_at(deadline, self.tx.reserve_many(2)).await {
+            Ok(Ok(permits)) => permits,
+            Ok(Err(_)) => return None,
+            Err(_) => {
+                let e = Error::SlowSubscriber(format!(
+                    "subscriber too slow: {} deliveries queued for {grace} ms \
+                     (subscriber_buffer); resubscribe with from_seq {}",
+                    self.limits.buffer - 1,
+                    self.next
+                ));
+                let _ = self.tx.try_send((Err(e.into()), None));
+                return None;
+            }
+        };
+        let (Some(permit), Some(spare)) = (permits.next(), permits.next()) else {
+            return None;
+        };
+        let cost = (d.payload.len() + d.sender_name.len())
+            .clamp(1, self.limits.buffer_bytes)
+            .min(u32::MAX as usize) as u32;
+        match tokio::time::timeout_at(deadline, self.bytes.clone().acquire_many_owned(cost)).await {
+            Ok(Ok(bytes)) => Some((permit, bytes)),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                let e = Error::SlowSubscriber(format!(
+                    "subscriber too slow: {} payload bytes queued for {grace} ms \
+                     (subscriber_buffer_bytes); resubscribe with from_seq {}",
+                    self.limits
+                        .buffer_bytes
+                        .saturating_sub(self.bytes.available_permits()),
+                    self.next
+                ));
+                spare.send((Err(e.into()), None));
+                None
+            }
         }
     }
 }

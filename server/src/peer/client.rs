@@ -27,6 +27,7 @@ pub enum PeerRpc {
     Propose,
     Heartbeat,
     ReadIndex,
+    Bootstrap,
 }
 
 /// Why a peer call failed.
@@ -70,6 +71,7 @@ impl PeerClient {
             PeerRpc::Propose => grpc.propose(request).await,
             PeerRpc::Heartbeat => grpc.heartbeat(request).await,
             PeerRpc::ReadIndex => grpc.read_index(request).await,
+            PeerRpc::Bootstrap => grpc.bootstrap(request).await,
         };
         let msg = res.map_err(|s| self.status_error(s))?.into_inner();
         decode(&msg.data).map_err(|e| PeerError::Codec(self.target, e.to_string()))
@@ -274,6 +276,12 @@ mod tests {
             Err(Status::unimplemented(""))
         }
         async fn read_index(
+            &self,
+            _: Request<RaftMessage>,
+        ) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn bootstrap(
             &self,
             _: Request<RaftMessage>,
         ) -> Result<Response<RaftMessage>, Status> {

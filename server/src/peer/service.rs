@@ -11,6 +11,7 @@ use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::bootstrap;
 use crate::liveness::{HeartbeatMsg, Liveness};
 use crate::proposer::Proposer;
 use crate::raft::codec::{decode, encode};
@@ -25,6 +26,8 @@ pub struct PeerService {
     proposer: Proposer,
     liveness: Liveness,
     election: Election,
+    /// The members this node would bootstrap with, to compare with a fresh peer's.
+    members: std::collections::BTreeMap<NodeId, String>,
     /// Turns true when the peer listener stops: open streams end then, or a graceful stop
     /// would wait for them forever.
     stopping: watch::Receiver<bool>,
@@ -37,6 +40,7 @@ impl PeerService {
         proposer: Proposer,
         liveness: Liveness,
         election: Election,
+        members: std::collections::BTreeMap<NodeId, String>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -45,6 +49,7 @@ impl PeerService {
             proposer,
             liveness,
             election,
+            members,
             stopping,
         }
     }
@@ -139,7 +144,19 @@ impl Peer for PeerService {
         reply(&self.proposer.read_index_here().await)
     }
 
+    async fn bootstrap(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let probe: bootstrap::Probe = parse(req)?;
+        reply(&bootstrap::answer(self.id, &self.raft, &self.members, &probe).await)
+    }
+
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        // Status counts a peer reachable by its ping: not one whose Raft has stopped.
+        if self.raft.metrics().borrow().running_state.is_err() {
+            return Err(Status::unavailable(format!(
+                "node {}: raft stopped",
+                self.id
+            )));
+        }
         Ok(Response::new(PingResponse {
             node_id: u32::try_from(self.id).unwrap_or(u32::MAX),
         }))
