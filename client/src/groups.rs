@@ -176,31 +176,6 @@ fn print_delivery(d: &Delivery, json_out: bool) {
     let _ = out.flush();
 }
 
-/// Heartbeats until the task is aborted, at the interval the server asks for.
-fn spawn_heartbeats(
-    client: Arc<Client>,
-    me: Identity,
-    mut every: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match client.heartbeat(&me).await {
-                Ok(r) if r.heartbeat_interval_ms > 0 => {
-                    every = Duration::from_millis(u64::from(r.heartbeat_interval_ms));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("client: heartbeat failed: {e}");
-                    if e.code() == Code::Unauthenticated {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(every).await;
-        }
-    })
-}
-
 /// Prints deliveries from `from_seq` on, resubscribing where it stopped if the stream breaks,
 /// until the server ends the stream after this client's last leave or removal. Returns that line.
 async fn follow(
@@ -258,11 +233,8 @@ pub async fn listen(
     from_seq: u64,
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let client = Arc::new(Client::new(client.addrs())?);
-    let beats = spawn_heartbeats(client.clone(), me.clone(), Duration::from_secs(1));
-    let res = follow(&client, me, group, from_seq, json_out).await;
-    beats.abort();
-    res?;
+    let _alive = client.keep_alive(me);
+    follow(client, me, group, from_seq, json_out).await?;
     Ok(())
 }
 
@@ -272,11 +244,7 @@ pub async fn chat(client: Client, name: &str, group: &str) -> anyhow::Result<()>
     let client = Arc::new(client);
     let registered = client.register(name).await?;
     let me = Identity::from(&registered);
-    let beats = spawn_heartbeats(
-        client.clone(),
-        me.clone(),
-        Duration::from_millis(u64::from(registered.heartbeat_interval_ms)),
-    );
+    let alive = client.keep_alive(&me);
     let joined = client.join(&me, group).await?;
     let own_join = joined
         .members
@@ -308,7 +276,8 @@ pub async fn chat(client: Client, name: &str, group: &str) -> anyhow::Result<()>
     client.leave(&me, group).await?;
     // Our LEFT delivery ends the printer; do not wait forever if the stream is down.
     let _ = tokio::time::timeout(Duration::from_secs(5), printer).await;
+    // Stopped first: a heartbeat after the unregister would only be refused.
+    alive.stop().await;
     client.unregister(&me).await?;
-    beats.abort();
     Ok(())
 }

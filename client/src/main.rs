@@ -176,11 +176,9 @@ fn servers(cli: &Cli) -> anyhow::Result<Vec<String>> {
         return Ok(cli.servers.clone());
     }
     match std::fs::read_to_string(&cli.config) {
-        Ok(text) => addrs_from_config(&text).map_err(anyhow::Error::msg),
+        Ok(text) => Ok(addrs_from_config(&text)?),
         // No config file: the defaults a fresh checkout's config.json also has.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            addrs_from_config("{}").map_err(anyhow::Error::msg)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(addrs_from_config("{}")?),
         Err(e) => Err(e).with_context(|| format!("reading {}", cli.config.display())),
     }
 }
@@ -213,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => "{}".into(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", cli.config.display())),
         };
-        let nodes = node_hosts_from_config(&text).map_err(anyhow::Error::msg)?;
+        let nodes = node_hosts_from_config(&text)?;
         for file in certs::generate(out, &nodes)? {
             println!("{file}");
         }

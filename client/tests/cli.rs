@@ -93,8 +93,16 @@ async fn cli_moves_on_when_a_server_is_down() {
     let (down, up) = (cluster.node(1).addr.clone(), cluster.node(2).addr.clone());
     cluster.kill(1);
     cluster.wait_for_primary().await.unwrap();
-    let out = client(&cluster, &["get-id", "--server", &down, "--server", &up]);
-    assert!(stdout(&out).trim().parse::<u64>().is_ok());
+    let out = client(
+        &cluster,
+        &["get-id", "--json", "--server", &down, "--server", &up],
+    );
+    let got: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(got["id"].as_u64().unwrap() >= 1, "{got}");
+    assert_eq!(
+        got["served_by"], 2,
+        "not served by the server that is up: {got}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +156,61 @@ async fn chat_sends_lines_prints_deliveries_and_leaves_on_eof() {
         members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
         ["carol"]
     );
+}
+
+/// `listen` keeps the flags' TLS settings for its subscription and its heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_prints_deliveries_from_a_tls_cluster() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    testkit::gen_certs(Path::new(CLIENT), dir.path(), 3).unwrap();
+    let certs = dir.path().join("certs");
+    let mut cluster = Cluster::builder(sibling_binary(CLIENT, "server"))
+        .tls(&certs, false)
+        .start()
+        .unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    let lib = cluster.client();
+    let me = sequencer_client::Identity::from(&lib.register("frank").await.unwrap());
+    lib.join(&me, "tls").await.unwrap();
+    lib.send(&me, "tls", 1, b"over tls".to_vec()).await.unwrap();
+
+    let mut listen = Command::new(CLIENT)
+        .arg("--config")
+        .arg(cluster.config_path())
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .args(["listen", "tls", "--from", "1"])
+        .args([
+            "--client-id",
+            &me.client_id.to_string(),
+            "--token",
+            &me.token,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = listen.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(line) => lines.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = listen.kill();
+    let _ = listen.wait();
+    assert_eq!(lines, ["[1] * frank joined", "[2] frank: over tls"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,6 +316,7 @@ async fn bench_send_keeps_its_clients_alive_under_a_short_failure_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_throughput_latency_and_checks_what_it_got() {
     let mut cluster = cluster().await;
+    let mut highest = 0;
     for mode in ["ping", "get-id", "get-ids", "send"] {
         let r = bench(
             &cluster,
@@ -274,6 +338,18 @@ async fn bench_reports_throughput_latency_and_checks_what_it_got() {
             let calls = r["ops_per_s"].as_f64().unwrap();
             assert!((ids - 10.0 * calls).abs() < 1.0, "{r}");
         }
+        if mode.starts_with("get-id") {
+            // That many distinct ids, all at least 1: the highest is at least their number.
+            let got = r["highest_id"].as_u64().unwrap();
+            let per_op = if mode == "get-ids" { 10 } else { 1 };
+            assert!(
+                got >= per_op * ops,
+                "{mode}: {ops} calls, highest id {got}: {r}"
+            );
+            highest = highest.max(got);
+        } else {
+            assert_eq!(r["highest_id"], serde_json::Value::Null, "{mode}: {r}");
+        }
         if mode == "send" {
             // Each of the three subscribers saw every acknowledged message.
             let delivered = r["delivered_per_s"].as_f64().unwrap();
@@ -286,10 +362,16 @@ async fn bench_reports_throughput_latency_and_checks_what_it_got() {
         .trim()
         .parse()
         .unwrap();
-    assert!(next > 1, "bench took no ids");
+    assert!(
+        next > highest,
+        "id {next} after the bench was handed {highest}"
+    );
 
-    // A server that is down is an error the report counts, not a hang or a crash.
+    // A server that is down is an error the report counts, not a hang or a crash. The others
+    // agree on a primary first: with steady elections (2-4 s) a 1 s run that began with none
+    // could complete nothing.
     cluster.kill(1);
+    cluster.wait_for_primary().await.unwrap();
     let r = bench(&cluster, &["--mode", "get-id", "--concurrency", "3"]);
     assert_eq!(r["violations"], 0);
     assert!(r["ops"].as_u64().unwrap() > 0, "{r}");

@@ -12,39 +12,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use openraft::BasicNode;
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::peer::{PeerClients, PeerRpc};
+use crate::peer::messages::{self, Answer, Probe, ProbeReply};
+use crate::peer::PeerClients;
 use crate::raft::{NodeId, Raft};
-
-/// Asked of every configured peer by a fresh node before it bootstraps.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Probe {
-    /// The members the asking node would bootstrap with: id -> peer address.
-    pub members: BTreeMap<NodeId, String>,
-}
-
-/// A peer's answer to a [`Probe`], naming who gives it: two ids of a config that reach the
-/// same node (a typo, an alias) must not count as two fresh nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeReply {
-    pub node: NodeId,
-    pub answer: Answer,
-}
-
-/// Whether the answering node is fresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Answer {
-    /// No vote, no log, no snapshot, and the same members in its config.
-    Fresh,
-    /// It holds Raft state: a cluster exists (or existed) with it in it.
-    HasState,
-    /// Fresh, but its config lists other member ids.
-    OtherMembers,
-}
 
 /// The members a bootstrap uses: every node of the config.
 pub fn members(config: &Config) -> BTreeMap<NodeId, String> {
@@ -100,7 +74,7 @@ pub async fn run(
     raft: Raft,
     peers: PeerClients,
     members: BTreeMap<NodeId, String>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Result<(), Error> {
     if !is_fresh(&raft).await {
         return Ok(());
@@ -124,7 +98,7 @@ pub async fn run(
             async move {
                 let reply = match peers.get(*p) {
                     Some(client) => client
-                        .call::<_, ProbeReply>(PeerRpc::Bootstrap, &probe, PROBE_TIMEOUT)
+                        .call::<messages::Bootstrap>(&probe, PROBE_TIMEOUT)
                         .await
                         .ok(),
                     None => None,
@@ -142,7 +116,7 @@ pub async fn run(
         });
         let answers = tokio::select! {
             answers = futures::future::join_all(asks) => answers,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
         };
         let with_state: Vec<NodeId> = answers
             .iter()
@@ -203,7 +177,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = stop.cancelled() => return Ok(()),
         }
     }
 }
@@ -244,9 +218,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::datadir::DataDir;
     use crate::raft::network::Network;
-    use crate::raft::{open_store, raft_config};
+    use crate::raft::raft_config;
+    use crate::raft::store::{open_store, DataDir};
 
     async fn start(dir: &std::path::Path, config: &Config) -> (Raft, DataDir) {
         let data = DataDir::lock(dir).unwrap();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use sequencer_proto::v1::cluster_client::ClusterClient;
 use sequencer_proto::v1::StatusRequest;
-use sequencer_server::config::{Config, CLUSTER_SECRET_ENV, SECRET_FILE};
+use sequencer_server::config::{Config, SECRET_FILE};
 use sequencer_server::tls::{self, TlsMaterial};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -57,20 +57,6 @@ pub async fn run(
     // A second launcher would find the first one's nodes answering and call them its own.
     let _lock = lock_data_dir(&config.data_dir)?;
     refuse_node_dirs_in_use(config)?;
-    // Peers must share a secret; with none configured, these children get a fresh one, kept
-    // in the data dir for the next start and for `server --node K` (Config::load reads it).
-    let secret = match &config.cluster_secret {
-        None if config.nodes.len() > 1 => {
-            let (secret, file) = new_secret_file(&config.data_dir)?;
-            say(format_args!(
-                "made up a cluster secret, kept in {} (mode 0600) for the next start and for \
-                 `server --node K` on this data dir",
-                file.display()
-            ));
-            Some(secret)
-        }
-        _ => None,
-    };
     // Nodes on one host share its cores rather than each start a thread per core: on 2 cores,
     // three nodes with one thread each answered 10 % more pings than with two (BENCHMARKS.md).
     let threads = config.worker_threads.unwrap_or_else(|| {
@@ -88,7 +74,6 @@ pub async fn run(
     let spawner = Spawner {
         exe,
         args,
-        secret,
         launcher: std::process::id() as libc::pid_t,
     };
 
@@ -128,7 +113,6 @@ struct Spawner {
     exe: PathBuf,
     /// Everything after `--node K`.
     args: Vec<OsString>,
-    secret: Option<String>,
     /// Our pid, taken before any fork.
     launcher: libc::pid_t,
 }
@@ -138,9 +122,6 @@ impl Spawner {
     fn spawn(&self, id: u64, output: &mut JoinSet<()>) -> anyhow::Result<Child> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--node").arg(id.to_string()).args(&self.args);
-        if let Some(secret) = &self.secret {
-            cmd.env(CLUSTER_SECRET_ENV, secret);
-        }
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -274,9 +255,10 @@ fn refuse_node_dirs_in_use(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes up a secret and writes it to `data_dir/cluster.secret` (0600) whole: a temp file,
-/// synced, renamed, and the dir synced. Returns the secret and the file's path.
-fn new_secret_file(data_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+/// Makes up a cluster secret and keeps it in `data_dir/cluster.secret` (0600), written
+/// whole (a temp file, synced, linked into place, the dir synced), unless one is there
+/// already (a launcher that started at the same moment). Returns the file.
+pub fn make_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
     let secret = random_secret()?;
     create_private_dir(data_dir)?;
     let path = data_dir.join(SECRET_FILE);
@@ -295,11 +277,18 @@ fn new_secret_file(data_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
         file.write_all(secret.as_bytes())?;
         file.write_all(b"\n")?;
         file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        // A link, not a rename: a secret already there is never replaced, since nodes may
+        // already run with it.
+        let linked = std::fs::hard_link(&tmp, &path);
+        std::fs::remove_file(&tmp)?;
+        match linked {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
         File::open(data_dir)?.sync_all()
     };
     write().with_context(|| format!("writing the cluster secret to {}", path.display()))?;
-    Ok((secret, path))
+    Ok(path)
 }
 
 /// 32 random bytes, hex.

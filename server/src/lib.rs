@@ -1,28 +1,28 @@
 //! The sequencer node: a Raft-replicated id allocator behind gRPC.
 //!
-//! A request reaches any node's public API ([`api`]). The node's batcher ([`allocator`]) turns
-//! everything waiting into one command, the [`proposer`] gets it committed by the primary (the
-//! Raft leader) directly or over the peer service ([`peer`]), every node applies it to the same
-//! [`state`] through [`raft`], and the node answers once it has applied the entry itself.
+//! A request reaches any node's public API ([`api`]). The write path ([`write`]) batches
+//! everything waiting into one command and gets it committed by the primary (the Raft leader),
+//! directly or over the peer service ([`peer`]); every node applies it to the same [`state`]
+//! through [`raft`], and the node answers once it has applied the entry itself.
 
-pub mod allocator;
-pub mod api;
-pub mod batch;
-pub mod bootstrap;
+// Nothing from outside may panic the node: errors are values, unwraps are for tests.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub(crate) mod api;
+pub(crate) mod bootstrap;
 pub mod config;
-pub mod datadir;
-pub mod disk;
+pub(crate) mod disk;
 pub mod error;
-pub mod listener;
-pub mod liveness;
-pub mod node;
-pub mod peer;
-pub mod proposer;
+#[cfg(test)]
+mod fuzz_test;
+pub(crate) mod listener;
+pub(crate) mod node;
+pub(crate) mod peer;
 pub mod raft;
-pub mod sender;
 pub mod state;
-pub mod summary;
+pub(crate) mod summary;
 pub mod tls;
+pub(crate) mod write;
 
 pub use config::Config;
 pub use error::Error;

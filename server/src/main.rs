@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sequencer_server::config::{Config, Overrides};
+use sequencer_server::config::{Config, ConfigError, Overrides};
 use sequencer_server::{run, Listeners};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -56,6 +56,28 @@ fn main() -> ExitCode {
     };
     let config = match Config::load(&path, required, &overrides) {
         Ok(c) => c,
+        // Peers must share a secret; with none configured, the launcher makes one up, kept
+        // in the data dir for its next start and for `server --node K` (Config::load reads it).
+        Err(ConfigError::NoSecret { data_dir, .. }) if args.node.is_none() => {
+            match launcher::make_secret(&data_dir) {
+                Ok(file) => say(format_args!(
+                    "made up a cluster secret, kept in {} (mode 0600) for the next start and \
+                     for `server --node K` on this data dir",
+                    file.display()
+                )),
+                Err(e) => {
+                    say(format_args!("{e:#}"));
+                    return ExitCode::FAILURE;
+                }
+            }
+            match Config::load(&path, required, &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    say(e);
+                    return ExitCode::from(CONFIG_ERROR as u8);
+                }
+            }
+        }
         Err(e) => {
             say(e);
             return ExitCode::from(CONFIG_ERROR as u8);
@@ -168,15 +190,6 @@ async fn run_node(config: Config, id: u64, open_files: OpenFiles) -> anyhow::Res
             ids.join(", ")
         );
     };
-    if config.nodes.len() > 1 && config.cluster_secret.is_none() {
-        anyhow::bail!(
-            "node {id}: a cluster of {} nodes needs `cluster_secret` (in the config or {}) so \
-             that peers can prove who they are; `server` without --node makes one up for the \
-             nodes it starts",
-            config.nodes.len(),
-            sequencer_server::config::CLUSTER_SECRET_ENV
-        );
-    }
     let client = bind(&node.addr, "addr", id).await?;
     let peer = bind(&node.peer_addr, "peer_addr", id).await?;
     // `run` polls its shutdown future only once the node has started, so this line follows

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sequencer_proto::peer::peer_server::PeerServer;
 use sequencer_proto::v1::cluster_server::ClusterServer;
@@ -12,11 +11,11 @@ use sequencer_proto::v1::messenger_server::MessengerServer;
 use sequencer_proto::v1::sequencer_server::SequencerServer;
 use sequencer_proto::v1::tracker_server::TrackerServer;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
-use crate::allocator::{AllocPlan, Allocator};
 use crate::api::cluster::ClusterApi;
 use crate::api::health::watch_primary_until;
 use crate::api::messenger::MessengerApi;
@@ -24,18 +23,20 @@ use crate::api::sequencer::SequencerApi;
 use crate::api::tracker::TrackerApi;
 use crate::bootstrap;
 use crate::config::Config;
-use crate::datadir::DataDir;
 use crate::disk::DiskGuard;
 use crate::error::Error;
 use crate::listener::Incoming;
-use crate::liveness::Liveness;
 use crate::peer::{PeerClients, PeerService, RequireSecret, PEER_MESSAGE_LIMIT};
-use crate::proposer::Proposer;
 use crate::raft::election::Election;
 use crate::raft::network::Network;
-use crate::raft::{open_store, raft_config, NodeId, Raft};
-use crate::sender::{SendPlan, Sender};
+use crate::raft::store::{open_store, DataDir};
+use crate::raft::{raft_config, NodeId, Raft};
 use crate::tls::TlsMaterial;
+use crate::write::ids::{AllocPlan, Allocator};
+use crate::write::liveness::{Liveness, LivenessTiming};
+use crate::write::primary::Router;
+use crate::write::proposer::Proposer;
+use crate::write::sends::{SendBatcher, SendPlan};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 
@@ -89,60 +90,60 @@ pub async fn run(
         "node started"
     );
 
-    let (stop_clients, stop_clients_rx) = watch::channel(false);
-    let (stop_peers, stop_peers_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    let proposer = Proposer::new(
+    // Two stops, in order: the client side first, the peer side once Raft has stopped.
+    let stop_clients = CancellationToken::new();
+    let stop_peers = CancellationToken::new();
+    // Every task of the node but the listeners and batchers: each ends on a stop, or when
+    // Raft does, and `run` waits for them all before it returns.
+    let tasks = TaskTracker::new();
+    // The one route to the primary, for commands, read barriers and heartbeats.
+    let router = Router::new(
         id,
         raft.clone(),
-        reader.clone(),
         peers.clone(),
-        config.request_timeout,
-        Duration::from_millis(config.election_timeout_max_ms),
+        config.raft.election_timeout_max,
+        config.batching.request_timeout,
+    );
+    let proposer = Proposer::new(
+        router,
+        raft.clone(),
+        reader.clone(),
+        config.batching.request_timeout,
         DiskGuard::new(&dir, config.disk_reserve_bytes),
     );
     // Batchers end once the client listener has stopped and dropped its handles.
     let mut batchers = JoinSet::new();
     let allocator = Allocator::start(
         AllocPlan {
-            max_sequences: config.max_sequences,
+            max_sequences: config.batching.max_sequences,
         },
         proposer.clone(),
-        config.queue_capacity,
+        config.batching.queue_capacity,
         &mut batchers,
     );
-    let sender = Sender::start(
+    let sender = SendBatcher::start(
         SendPlan {
-            limits: config.group_limits,
+            limits: config.groups.limits,
         },
         proposer.clone(),
-        config.queue_capacity,
+        config.batching.queue_capacity,
         &mut batchers,
     );
     let liveness = Liveness::new(
         raft.clone(),
         reader.clone(),
-        peers.clone(),
         proposer.clone(),
-        config.failure_timeout,
-        // A heartbeat that cannot reach the primary soon is better retried elsewhere.
-        config.request_timeout.min(config.client_heartbeat / 2),
-        Duration::from_millis(config.election_timeout_min_ms),
+        LivenessTiming::of(&config),
     );
     tasks.spawn(
         liveness
             .clone()
-            .run_detector(config.group_limits, stop_peers_rx.clone()),
+            .run_detector(config.groups.limits, stop_peers.clone()),
     );
 
-    let election = Election::new(
-        id,
-        raft.clone(),
-        Duration::from_millis(config.election_timeout_max_ms),
-        Duration::from_millis(config.election_timeout_max_ms - config.election_timeout_min_ms),
-    );
+    let election = Election::new(id, raft.clone(), &config.raft, tasks.clone());
     // Stops with the client listener, so a stopping node starts no election.
-    tasks.spawn(election.clone().run(stop_clients_rx.clone()));
+    tasks.spawn(election.clone().run(stop_clients.clone()));
 
     let (reporter, health) = tonic_health::server::health_reporter();
     // NOT_SERVING as soon as the node starts to stop, before the listeners close.
@@ -150,7 +151,7 @@ pub async fn run(
         id,
         raft.clone(),
         reporter,
-        stopped(stop_clients_rx.clone()),
+        stop_clients.clone().cancelled_owned(),
     ));
     // grpcurl and other tools speak either reflection version; serve both.
     let reflection = || {
@@ -172,8 +173,8 @@ pub async fn run(
                 id,
                 allocator,
                 reader.clone(),
-                config.max_batch,
-                config.max_sequences,
+                config.batching.max_batch,
+                config.batching.max_sequences,
             ))
             .max_decoding_message_size(small),
         )
@@ -182,9 +183,9 @@ pub async fn run(
                 proposer.clone(),
                 reader.clone(),
                 liveness.clone(),
-                config.group_limits,
-                config.client_heartbeat,
-                config.failure_timeout,
+                config.groups.limits,
+                config.groups.client_heartbeat,
+                config.groups.failure_timeout,
             ))
             .max_decoding_message_size(small),
         )
@@ -193,17 +194,18 @@ pub async fn run(
                 sender,
                 reader,
                 proposer.clone(),
-                config.max_payload_bytes,
+                config.groups.max_payload_bytes,
                 crate::api::messenger::SubscriberLimits {
-                    buffer: config.subscriber_buffer,
-                    buffer_bytes: config.subscriber_buffer_bytes,
-                    max: config.max_subscribers,
-                    max_per_client: config.max_subscribers_per_client,
+                    buffer: config.groups.subscriber_buffer,
+                    buffer_bytes: config.groups.subscriber_buffer_bytes,
+                    max: config.groups.max_subscribers,
+                    max_per_client: config.groups.max_subscribers_per_client,
                 },
-                stop_clients_rx.clone(),
+                stop_clients.clone(),
+                tasks.clone(),
             ))
             // A Send carries one payload of at most max_payload_bytes, plus its names.
-            .max_decoding_message_size(config.max_payload_bytes as usize + small),
+            .max_decoding_message_size(config.groups.max_payload_bytes as usize + small),
         )
         .add_service(
             ClusterServer::new(ClusterApi::new(
@@ -217,7 +219,7 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(
             incoming(listeners.client, "client", &config),
-            stopped(stop_clients_rx.clone()),
+            stop_clients.clone().cancelled_owned(),
         );
     let peer_server = server_builder(&config, tls.as_ref().map(|t| t.peer_listener()))?
         .add_service(InterceptedService::new(
@@ -228,7 +230,7 @@ pub async fn run(
                 liveness,
                 election,
                 bootstrap::members(&config),
-                stop_peers_rx.clone(),
+                stop_peers.clone(),
             ))
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT),
@@ -236,7 +238,7 @@ pub async fn run(
         ))
         .serve_with_incoming_shutdown(
             incoming(listeners.peer, "peer", &config),
-            stopped(stop_peers_rx.clone()),
+            stop_peers.clone().cancelled_owned(),
         );
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
@@ -247,7 +249,7 @@ pub async fn run(
         bootstrap_peers,
         bootstrap::members(&config),
         // A stopping node bootstraps nothing: it stops Raft next.
-        stop_clients_rx.clone(),
+        stop_clients.clone(),
     ));
 
     let failed = tokio::select! {
@@ -265,7 +267,7 @@ pub async fn run(
     }
     // Clients first: requests in flight still need the peer listener, to hear the entries they
     // wait for. Then Raft, then the peer listener, so this node starts no election on its way out.
-    let _ = stop_clients.send(true);
+    stop_clients.cancel();
     report(id, "client", client_task.await);
     while batchers.join_next().await.is_some() {}
     if let Err(e) = raft.shutdown().await {
@@ -275,9 +277,10 @@ pub async fn run(
     if let Err(e) = journal.flush_journal().await {
         tracing::warn!(node = id, error = %e, "committing the journal to redb");
     }
-    let _ = stop_peers.send(true);
+    stop_peers.cancel();
     report(id, "peer", peer_task.await);
-    while tasks.join_next().await.is_some() {}
+    tasks.close();
+    tasks.wait().await;
     if let Some(why) = failed {
         // A supervisor restarts a node that exits; a node left up without Raft serves nothing.
         return Err(Error::RaftStopped(format!("{}: {why}", dir.display())));
@@ -308,7 +311,7 @@ async fn bootstrap_task(
     raft: Raft,
     peers: PeerClients,
     members: BTreeMap<NodeId, String>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     if let Err(e) = bootstrap::run(id, raft, peers, members, stop).await {
         tracing::error!(node = id, error = %e, "bootstrapping a new cluster failed");
@@ -340,20 +343,16 @@ fn server_builder(config: &Config, tls: Option<ServerTlsConfig>) -> Result<Serve
             .map_err(|e| Error::Internal(format!("TLS: {e}")))?;
     }
     Ok(builder
-        .max_concurrent_streams(Some(config.max_concurrent_streams))
-        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
-        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout)))
+        .max_concurrent_streams(Some(config.transport.max_concurrent_streams))
+        .http2_keepalive_interval(Some(config.transport.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.transport.http2_keepalive_timeout)))
 }
 
 /// Accepts with a preface deadline and a cap on open connections (see `listener`).
 fn incoming(listener: TcpListener, name: &'static str, config: &Config) -> Incoming {
     let limits = crate::listener::Limits {
-        max_connections: config.max_connections,
-        preface_timeout: config.connection_preface_timeout,
+        max_connections: config.transport.max_connections,
+        preface_timeout: config.transport.connection_preface_timeout,
     };
     Incoming::new(listener, name, limits)
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }

@@ -55,7 +55,7 @@ impl TlsMaterial {
             identity,
             ca,
             client_auth: *client_auth,
-            handshake_timeout: config.connection_preface_timeout,
+            handshake_timeout: config.transport.connection_preface_timeout,
         };
         // tonic parses the PEM only when a listener or channel is built; do it now, so a bad
         // file stops the node before it touches its data dir.

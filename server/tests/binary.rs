@@ -108,7 +108,11 @@ fn a_bad_config_exits_non_zero_with_one_line_naming_the_key() {
     }
     let (ok, stderr) = run_server(&["--config", "missing.json"], dir.path());
     assert!(!ok && stderr.contains("missing.json"), "{stderr}");
-    std::fs::write(&path, r#"{"servers": 3}"#).unwrap();
+    std::fs::write(
+        &path,
+        r#"{"servers": 3, "cluster_secret": "a-test-secret-0123"}"#,
+    )
+    .unwrap();
     let (ok, stderr) = run_server(&["--config", "config.json", "--node", "9"], dir.path());
     assert!(!ok && stderr.contains("node 9"), "{stderr}");
 }

@@ -7,9 +7,8 @@ use std::time::Duration;
 use testkit::Cluster;
 use tokio::time::Instant;
 
-/// A cluster that handed out ids 1..=100 of "default", every node has applied them, and then
-/// every node was killed.
-async fn stopped_after_100_ids() -> Cluster {
+/// Three nodes, started together, that agree on a primary.
+async fn three_nodes() -> Cluster {
     let mut cluster = Cluster::builder(env!("CARGO_BIN_EXE_server"))
         .nodes(3)
         // A node that cannot find a primary says so within this.
@@ -17,6 +16,13 @@ async fn stopped_after_100_ids() -> Cluster {
         .start()
         .unwrap();
     cluster.wait_for_primary().await.unwrap();
+    cluster
+}
+
+/// A cluster that handed out ids 1..=100 of "default", every node has applied them, and then
+/// every node was killed.
+async fn stopped_after_100_ids() -> Cluster {
+    let mut cluster = three_nodes().await;
     let block = cluster.client().get_ids("default", 100).await.unwrap();
     assert_eq!(block.first, 1);
     // On every node, so whichever survives holds them.
@@ -110,12 +116,7 @@ async fn two_replaced_disks_never_bootstrap_while_the_third_node_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_fresh_bootstraps_even_when_they_start_far_apart() {
     // The first start does not need every node at once: the first ones wait for the rest.
-    let mut cluster = Cluster::builder(env!("CARGO_BIN_EXE_server"))
-        .nodes(3)
-        .set("request_timeout_ms", 2000)
-        .start()
-        .unwrap();
-    cluster.wait_for_primary().await.unwrap();
+    let mut cluster = three_nodes().await;
     cluster.kill_all();
     for id in [1, 2, 3] {
         cluster.wipe(id).unwrap();

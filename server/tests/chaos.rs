@@ -6,7 +6,9 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use testkit::chaos::{check, History, Workload};
+use testkit::checker::check;
+use testkit::history::History;
+use testkit::workload::Workload;
 use testkit::Cluster;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
@@ -43,13 +45,7 @@ async fn verdict(name: &str, cluster: &mut Cluster, h: &History) {
     let report = check(h);
     // The final state has allocated at least every id handed out.
     cluster.wait_for_primary().await.unwrap();
-    let highest = h
-        .ids
-        .iter()
-        .filter(|o| o.first > 0)
-        .map(|o| o.first + o.count - 1)
-        .max()
-        .unwrap_or(0);
+    let highest = h.highest_id();
     let current = cluster.client().current_id("").await.unwrap();
     let line = report.line(name);
     if let Ok(dir) = std::env::var("CHAOS_LOG_DIR") {
@@ -109,62 +105,136 @@ impl Run {
     }
 }
 
+/// One kind of fault, injected over and over while the workload runs.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillPrimary,
+    KillFollower,
+    KillAll,
+    PausePrimary,
+    PartitionPrimary,
+    PartitionFollower,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillPrimary => "kill-primary",
+            Fault::KillFollower => "kill-follower",
+            Fault::KillAll => "kill-all",
+            Fault::PausePrimary => "pause-primary",
+            Fault::PartitionPrimary => "partition-primary",
+            Fault::PartitionFollower => "partition-follower",
+        }
+    }
+
+    /// Partitions need a proxy on every peer link.
+    fn needs_proxies(self) -> bool {
+        matches!(self, Fault::PartitionPrimary | Fault::PartitionFollower)
+    }
+
+    /// How long the load runs between two faults.
+    fn every(self) -> Duration {
+        match self {
+            Fault::KillAll => Duration::from_millis(1000),
+            _ => Duration::from_millis(700),
+        }
+    }
+
+    /// Injects the fault once, marking the instant in the workload, and waits until the cluster
+    /// agrees on a primary again.
+    async fn inject(self, c: &mut Cluster, w: &mut Workload) {
+        let others = |c: &Cluster, p: u64| -> Vec<u64> {
+            c.ids().into_iter().filter(|&id| id != p).collect()
+        };
+        match self {
+            Fault::KillPrimary => {
+                let p = c.wait_for_primary().await.unwrap();
+                w.fault();
+                c.kill(p);
+                c.wait_for_primary().await.unwrap();
+                c.start_node(p).unwrap();
+            }
+            Fault::KillFollower => {
+                let p = c.wait_for_primary().await.unwrap();
+                let f = others(c, p)[0];
+                w.fault();
+                c.kill(f);
+                run_for(Duration::from_millis(500)).await;
+                c.start_node(f).unwrap();
+                c.wait_for_primary().await.unwrap();
+            }
+            Fault::KillAll => {
+                w.fault();
+                restart_all(c).await;
+            }
+            Fault::PausePrimary => {
+                let p = c.wait_for_primary().await.unwrap();
+                w.fault();
+                c.signal(p, libc::SIGSTOP).unwrap();
+                // Paused past an election: the others choose a new primary meanwhile.
+                c.wait_for_primary_among(&others(c, p)).await.unwrap();
+                c.signal(p, libc::SIGCONT).unwrap();
+                c.wait_for_primary().await.unwrap();
+            }
+            Fault::PartitionPrimary => {
+                let p = c.wait_for_primary().await.unwrap();
+                w.fault();
+                c.isolate(p);
+                c.wait_for_primary_among(&others(c, p)).await.unwrap();
+                run_for(Duration::from_millis(300)).await;
+                c.heal();
+                c.wait_for_primary().await.unwrap();
+            }
+            Fault::PartitionFollower => {
+                let p = c.wait_for_primary().await.unwrap();
+                let f = others(c, p)[0];
+                w.fault();
+                c.isolate(f);
+                run_for(Duration::from_millis(1000)).await;
+                c.heal();
+                c.wait_for_primary().await.unwrap();
+            }
+        }
+    }
+}
+
+/// `kill -9` every node, starts them all again, and waits for a primary: a power loss.
+async fn restart_all(c: &mut Cluster) {
+    c.kill_all();
+    for id in c.ids() {
+        c.start_node(id).unwrap();
+    }
+    c.wait_for_primary().await.unwrap();
+}
+
+/// Runs the workload on a fresh cluster, injects `fault` every `fault.every()` for
+/// CHAOS_SECONDS, then checks the history.
+async fn scenario(fault: Fault) -> (Cluster, History) {
+    let mut r = Run::start(fault.needs_proxies()).await;
+    while r.going() {
+        run_for(fault.every()).await;
+        fault.inject(&mut r.cluster, &mut r.workload).await;
+    }
+    r.finish(fault.name()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_primary() {
-    let mut r = Run::start(false).await;
-    while r.going() {
-        run_for(Duration::from_millis(700)).await;
-        let p = r.cluster.wait_for_primary().await.unwrap();
-        r.workload.fault();
-        r.cluster.kill(p);
-        r.cluster.wait_for_primary().await.unwrap();
-        r.cluster.start_node(p).unwrap();
-    }
-    r.finish("kill-primary").await;
+    scenario(Fault::KillPrimary).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_follower() {
-    let mut r = Run::start(false).await;
-    while r.going() {
-        run_for(Duration::from_millis(700)).await;
-        let p = r.cluster.wait_for_primary().await.unwrap();
-        let f = r.cluster.ids().into_iter().find(|&id| id != p).unwrap();
-        r.workload.fault();
-        r.cluster.kill(f);
-        run_for(Duration::from_millis(500)).await;
-        r.cluster.start_node(f).unwrap();
-        r.cluster.wait_for_primary().await.unwrap();
-    }
-    r.finish("kill-follower").await;
+    scenario(Fault::KillFollower).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_all() {
-    let mut r = Run::start(false).await;
-    while r.going() {
-        run_for(Duration::from_millis(1000)).await;
-        r.workload.fault();
-        r.cluster.kill_all();
-        for id in r.cluster.ids() {
-            r.cluster.start_node(id).unwrap();
-        }
-        r.cluster.wait_for_primary().await.unwrap();
-    }
-    let (mut cluster, h) = r.finish("kill-all").await;
+    let (mut cluster, h) = scenario(Fault::KillAll).await;
     // Power loss once more: the next id is above every id ever acknowledged.
-    cluster.kill_all();
-    for id in cluster.ids() {
-        cluster.start_node(id).unwrap();
-    }
-    cluster.wait_for_primary().await.unwrap();
-    let acked = h
-        .ids
-        .iter()
-        .filter(|o| o.first > 0)
-        .map(|o| o.first + o.count - 1)
-        .max()
-        .unwrap_or(0);
+    restart_all(&mut cluster).await;
+    let acked = h.highest_id();
     let next = cluster.client().get_id("").await.unwrap().id;
     assert!(
         next > acked,
@@ -174,52 +244,17 @@ async fn kill_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_primary() {
-    let mut r = Run::start(false).await;
-    while r.going() {
-        run_for(Duration::from_millis(700)).await;
-        let p = r.cluster.wait_for_primary().await.unwrap();
-        let others: Vec<u64> = r.cluster.ids().into_iter().filter(|&id| id != p).collect();
-        r.workload.fault();
-        r.cluster.signal(p, libc::SIGSTOP).unwrap();
-        // Paused past an election: the others choose a new primary meanwhile.
-        r.cluster.wait_for_primary_among(&others).await.unwrap();
-        r.cluster.signal(p, libc::SIGCONT).unwrap();
-        r.cluster.wait_for_primary().await.unwrap();
-    }
-    r.finish("pause-primary").await;
+    scenario(Fault::PausePrimary).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition_primary() {
-    let mut r = Run::start(true).await;
-    while r.going() {
-        run_for(Duration::from_millis(700)).await;
-        let p = r.cluster.wait_for_primary().await.unwrap();
-        let others: Vec<u64> = r.cluster.ids().into_iter().filter(|&id| id != p).collect();
-        r.workload.fault();
-        r.cluster.isolate(p);
-        r.cluster.wait_for_primary_among(&others).await.unwrap();
-        run_for(Duration::from_millis(300)).await;
-        r.cluster.heal();
-        r.cluster.wait_for_primary().await.unwrap();
-    }
-    r.finish("partition-primary").await;
+    scenario(Fault::PartitionPrimary).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition_follower() {
-    let mut r = Run::start(true).await;
-    while r.going() {
-        run_for(Duration::from_millis(700)).await;
-        let p = r.cluster.wait_for_primary().await.unwrap();
-        let f = r.cluster.ids().into_iter().find(|&id| id != p).unwrap();
-        r.workload.fault();
-        r.cluster.isolate(f);
-        run_for(Duration::from_millis(1000)).await;
-        r.cluster.heal();
-        r.cluster.wait_for_primary().await.unwrap();
-    }
-    r.finish("partition-follower").await;
+    scenario(Fault::PartitionFollower).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

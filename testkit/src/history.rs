@@ -1,6 +1,90 @@
-//! Checkers over a recorded history of id allocations.
+//! A recorded history and the checkers over its id allocations. The chaos workload records
+//! [`History`] (the whole-run checker is `crate::checker`); the failover tests record [`Op`]s.
+//! Every instant comes from one monotonic clock.
 
 use std::time::Instant;
+
+use sequencer_client::ClientError;
+use tonic::Code;
+
+/// How an operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// A definite refusal, with its code: nothing happened.
+    Failed(Code),
+    /// Timed out or lost its connection: it may or may not have taken effect.
+    Indeterminate,
+}
+
+impl Outcome {
+    /// How a call that failed with `e` ended.
+    pub fn of(e: &ClientError) -> Outcome {
+        match e.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                Outcome::Indeterminate
+            }
+            code => Outcome::Failed(code),
+        }
+    }
+}
+
+/// One GetId or GetIds.
+#[derive(Debug, Clone, Copy)]
+pub struct IdOp {
+    pub node: u64,
+    pub invoke: Instant,
+    pub complete: Instant,
+    pub outcome: Outcome,
+    pub first: u64,
+    pub count: u64,
+}
+
+/// One Send attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct SendOp {
+    pub sender: u64,
+    pub sender_seq: u64,
+    pub invoke: Instant,
+    pub complete: Instant,
+    pub outcome: Outcome,
+    pub group_seq: u64,
+}
+
+/// One delivery a subscriber saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub group_seq: u64,
+    pub sender: u64,
+    pub sender_seq: u64,
+    /// A message, not a membership event.
+    pub message: bool,
+}
+
+/// Everything the workload recorded.
+#[derive(Default)]
+pub struct History {
+    pub ids: Vec<IdOp>,
+    pub sends: Vec<SendOp>,
+    /// What each subscriber saw, in the order it saw it.
+    pub subscribers: Vec<Vec<Seen>>,
+    /// When each fault was injected.
+    pub faults: Vec<Instant>,
+    /// Senders the cluster removed (missed heartbeats): not a safety violation, but reported.
+    pub removed: usize,
+}
+
+impl History {
+    /// The highest id any id operation got; 0 if none got one.
+    pub fn highest_id(&self) -> u64 {
+        self.ids
+            .iter()
+            .filter(|o| o.first > 0)
+            .map(|o| o.first + o.count - 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
 
 /// One successful allocation of the block `first..first+count`.
 #[derive(Debug, Clone, Copy)]

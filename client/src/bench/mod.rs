@@ -28,9 +28,8 @@ use tonic::Code;
 
 /// How long the client keeps retrying one call before it gives up with an error.
 const CALL_DEADLINE: Duration = Duration::from_secs(2);
-/// The client checks its deadline only between attempts, so a call against dead servers can
-/// overrun it: past this a call is dropped as DEADLINE_EXCEEDED. Also how long past the end a
-/// call in flight may finish.
+/// A backstop above CALL_DEADLINE, which the client keeps: past this a call is dropped as
+/// DEADLINE_EXCEEDED. Also how long past the end a call in flight may finish.
 const CALL_LIMIT: Duration = Duration::from_secs(3);
 /// After the callers stop, a subscriber whose stream has been quiet this long has seen it all.
 const QUIET: Duration = Duration::from_secs(1);
@@ -126,12 +125,6 @@ impl<T> Task<T> {
     async fn join(mut self) -> Result<T, tokio::task::JoinError> {
         (&mut self.0).await
     }
-
-    /// Aborts the task and waits until it is gone.
-    async fn stop(mut self) {
-        self.0.abort();
-        let _ = (&mut self.0).await;
-    }
 }
 
 impl<T> Drop for Task<T> {
@@ -166,36 +159,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let group = format!("bench-{}", std::process::id());
     let mut identities = Vec::new();
     let mut subscribers = Vec::new();
-    let mut heartbeats = None;
+    // Every bench identity heartbeats from its registration on, each from its own task: one
+    // after another, hundreds of heartbeats on a loaded machine outlast the failure timeout,
+    // and the server removes the bench's own clients.
+    let mut alive = Vec::new();
     // Once every caller has stopped: how many sends were acknowledged.
     let (finished, finished_rx) = watch::channel(None::<u64>);
     if opts.mode == Mode::Send {
         let first = &clients[0][0];
-        let registered = first.register("bench-watcher").await?;
-        let watcher = Identity::from(&registered);
-        // Every bench identity heartbeats from its registration on, all of them at once and
-        // four times per interval: one after another, hundreds of heartbeats on a loaded
-        // machine outlast the failure timeout, and the server removes the bench's own clients.
-        let beat_every = Duration::from_millis(u64::from(registered.heartbeat_interval_ms) / 4)
-            .max(Duration::from_millis(1));
-        let alive = Arc::new(std::sync::Mutex::new(vec![watcher.clone()]));
-        {
-            let (client, alive) = (first.clone(), alive.clone());
-            heartbeats = Some(Task::spawn(async move {
-                loop {
-                    let all = alive.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    futures::future::join_all(all.iter().map(|me| client.heartbeat(me))).await;
-                    tokio::time::sleep(beat_every).await;
-                }
-            }));
-        }
+        let watcher = Identity::from(&first.register("bench-watcher").await?);
+        alive.push(first.keep_alive(&watcher));
         first.join(&watcher, &group).await?;
         for i in 0..opts.concurrency {
             let me = Identity::from(&first.register(&format!("bench-{i}")).await?);
-            alive
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(me.clone());
+            alive.push(first.keep_alive(&me));
             first.join(&me, &group).await?;
             identities.push(me);
         }
@@ -310,11 +287,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Mode::Ping => {}
     }
     // Only now: the server must not drop the watcher while its subscribers drain.
-    if let Some(h) = heartbeats {
-        h.stop().await;
+    for a in alive {
+        a.stop().await;
     }
+    let highest_id = ranges
+        .iter()
+        .filter(|r| r.1 > 0)
+        .map(|r| r.0 + r.1 - 1)
+        .max();
     report(
         &opts,
+        highest_id,
         elapsed,
         &latency,
         &errors,
@@ -600,8 +583,11 @@ fn progress_line(
     Some(bar)
 }
 
+/// Prints the run's figures; `highest_id` is the highest id (or etcd revision, or Redis value)
+/// it was handed.
 fn report(
     opts: &Options,
+    highest_id: Option<u64>,
     elapsed: Duration,
     latency: &Histogram<u64>,
     errors: &BTreeMap<&'static str, u64>,
@@ -635,6 +621,7 @@ fn report(
                 "ops": ops,
                 "ops_per_s": ops as f64 / secs,
                 "ids_per_s": (ops * per_op) as f64 / secs,
+                "highest_id": highest_id,
                 "delivered_per_s": delivered.map(|d| d as f64 / secs),
                 "latency_us": {
                     "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::wire_id;
 use crate::config::NodeConfig;
 use crate::peer::PeerClients;
-use crate::raft::log_store::CommitIndex;
+use crate::raft::store::CommitIndex;
 use crate::raft::{NodeId, Raft};
 
 /// How long Status waits for each peer's ping.

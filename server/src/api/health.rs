@@ -37,11 +37,6 @@ async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Runs until Raft stops; NOT_SERVING from then on.
-pub async fn watch_primary(id: NodeId, raft: Raft, reporter: HealthReporter) {
-    watch_primary_until(id, raft, reporter, std::future::pending()).await
-}
-
 /// Runs until Raft stops or `shutdown` resolves (the node's first step out, before its
 /// listeners drain); NOT_SERVING from then on, so balancers stop sending before the node goes.
 pub async fn watch_primary_until(

@@ -12,16 +12,18 @@ use sequencer_proto::v1::messenger_server::Messenger;
 use sequencer_proto::v1::{
     delivery, Delivery, SendRequest as PbSend, SendResponse, SubscribeRequest,
 };
-use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use super::checked_name;
 use crate::error::Error;
-use crate::proposer::Proposer;
 use crate::raft::state_machine::StateReader;
-use crate::sender::Sender;
 use crate::state::groups::{hash_token, Delivery as StateDelivery, Kind};
 use crate::state::{Rejected, SendRequest};
+use crate::write::proposer::Proposer;
+use crate::write::sends::SendBatcher;
 
 /// Deliveries (and payload bytes) read from the state at a time, so the read lock is held
 /// briefly.
@@ -45,7 +47,7 @@ pub struct SubscriberLimits {
 }
 
 pub struct MessengerApi {
-    sender: Sender,
+    sender: SendBatcher,
     reader: StateReader,
     proposer: Proposer,
     max_payload_bytes: u32,
@@ -55,17 +57,20 @@ pub struct MessengerApi {
     /// Open subscriptions per client_id (max_subscribers_per_client).
     per_client: Arc<Mutex<HashMap<u64, usize>>>,
     /// Ends every subscription when the node stops.
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
+    /// Owns every subscription's feed; the node waits for them on its way out.
+    feeds: TaskTracker,
 }
 
 impl MessengerApi {
     pub fn new(
-        sender: Sender,
+        sender: SendBatcher,
         reader: StateReader,
         proposer: Proposer,
         max_payload_bytes: u32,
         limits: SubscriberLimits,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
+        feeds: TaskTracker,
     ) -> Self {
         let limits = SubscriberLimits {
             buffer: limits.buffer.max(2),
@@ -85,6 +90,7 @@ impl MessengerApi {
             per_client: Arc::default(),
             limits,
             stop,
+            feeds,
         }
     }
 
@@ -246,7 +252,7 @@ impl Messenger for MessengerApi {
             bytes: Arc::new(Semaphore::new(self.limits.buffer_bytes)),
             tx,
         };
-        tokio::spawn(feed.run(wake, self.stop.clone()));
+        self.feeds.spawn(feed.run(wake, self.stop.clone()));
         Ok(Response::new(DeliveryStream(rx)))
     }
 }
@@ -297,11 +303,7 @@ enum Step {
 }
 
 impl Feed {
-    async fn run(
-        mut self,
-        mut wake: broadcast::Receiver<Arc<str>>,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    async fn run(mut self, mut wake: broadcast::Receiver<Arc<str>>, stop: CancellationToken) {
         loop {
             match self.step().await {
                 Step::More => continue,
@@ -319,7 +321,7 @@ impl Feed {
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     _ = self.tx.closed() => return,
-                    _ = stop.wait_for(|s| *s) => {
+                    _ = stop.cancelled() => {
                         let _ = self.tx.try_send((Err(Status::unavailable("server shutting down; resubscribe elsewhere")), None));
                         return;
                     }

@@ -7,11 +7,11 @@ use sequencer_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{checked_name, wire_id};
-use crate::allocator::Allocator;
 use crate::error::Error;
 use crate::raft::state_machine::StateReader;
 use crate::raft::NodeId;
 use crate::state::{AllocRequest, Rejected, DEFAULT_SEQUENCE};
+use crate::write::ids::Allocator;
 
 /// The id service of one node.
 pub struct SequencerApi {

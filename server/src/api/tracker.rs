@@ -12,11 +12,11 @@ use tonic::{Request, Response, Status};
 
 use super::checked_name;
 use crate::error::Error;
-use crate::liveness::Liveness;
-use crate::proposer::Proposer;
 use crate::raft::state_machine::StateReader;
 use crate::state::groups::hash_token;
 use crate::state::{Command, GroupLimits, Reply};
+use crate::write::liveness::Liveness;
+use crate::write::proposer::Proposer;
 
 pub struct TrackerApi {
     proposer: Proposer,

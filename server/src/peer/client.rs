@@ -1,34 +1,23 @@
 //! Outgoing peer calls: one lazily connected channel per peer, reused for every call.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sequencer_proto::peer::peer_client::PeerClient as GrpcPeerClient;
 use sequencer_proto::peer::{PingRequest, RaftMessage};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
 
 use super::auth::SecretHeader;
+use super::messages::{Message, PeerRpc, Unary};
 use super::PEER_MESSAGE_LIMIT;
 use crate::config::Config;
 use crate::raft::codec::{decode, encode};
 use crate::raft::NodeId;
 use crate::tls::TlsMaterial;
-
-/// Which peer RPC to call.
-#[derive(Debug, Clone, Copy)]
-pub enum PeerRpc {
-    Vote,
-    InstallSnapshot,
-    Propose,
-    Heartbeat,
-    ReadIndex,
-    Bootstrap,
-}
 
 /// Why a peer call failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,19 +42,18 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    /// Sends `req` and decodes the answer, waiting at most `timeout`.
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    /// Sends `req` as `M` and decodes its reply, waiting at most `timeout`.
+    pub async fn call<M: Unary>(
         &self,
-        rpc: PeerRpc,
-        req: &Req,
+        req: &M::Req,
         timeout: Duration,
-    ) -> Result<Resp, PeerError> {
+    ) -> Result<M::Resp, PeerError> {
         let data = encode(req).map_err(|e| PeerError::Codec(self.target, e.to_string()))?;
         let mut request = tonic::Request::new(RaftMessage { data });
         request.set_timeout(timeout);
         self.secret.stamp(request.metadata_mut());
         let mut grpc = self.grpc.clone();
-        let res = match rpc {
+        let res = match M::RPC {
             PeerRpc::Vote => grpc.vote(request).await,
             PeerRpc::InstallSnapshot => grpc.install_snapshot(request).await,
             PeerRpc::Propose => grpc.propose(request).await,
@@ -75,6 +63,11 @@ impl PeerClient {
         };
         let msg = res.map_err(|s| self.status_error(s))?.into_inner();
         decode(&msg.data).map_err(|e| PeerError::Codec(self.target, e.to_string()))
+    }
+
+    /// The node this client calls.
+    pub fn target(&self) -> NodeId {
+        self.target
     }
 
     /// Whether the peer answers at all within `timeout`.
@@ -119,12 +112,12 @@ pub struct AppendStream {
 }
 
 impl AppendStream {
-    /// Sends `req` and waits at most `timeout` for its answer.
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    /// Sends `req` as `M` and waits at most `timeout` for its reply.
+    pub async fn call<M: Message>(
         &mut self,
-        req: &Req,
+        req: &M::Req,
         timeout: Duration,
-    ) -> Result<Resp, PeerError> {
+    ) -> Result<M::Resp, PeerError> {
         let target = self.client.target;
         let data = encode(req).map_err(|e| PeerError::Codec(target, e.to_string()))?;
         let res = match tokio::time::timeout(timeout, self.exchange(data)).await {
@@ -173,51 +166,79 @@ impl AppendStream {
 }
 
 /// A client for every other node of the config.
+/// The clients of every peer, shared by every part of the node. Cheap to clone. A peer can
+/// be added or removed while the node runs (a membership change), and every route to the
+/// primary looks it up at each attempt.
 #[derive(Clone)]
 pub struct PeerClients {
-    clients: HashMap<NodeId, PeerClient>,
+    clients: Arc<RwLock<HashMap<NodeId, PeerClient>>>,
+    secret: SecretHeader,
+    tls: Option<TlsMaterial>,
 }
 
 impl PeerClients {
-    /// Builds lazy channels; nothing connects until the first call.
+    /// A client for every other node of the config. Channels are lazy: nothing connects
+    /// until the first call.
     pub fn new(
         config: &Config,
         self_id: NodeId,
         tls: Option<&TlsMaterial>,
     ) -> Result<Self, crate::error::Error> {
-        let mut clients = HashMap::new();
-        let secret = SecretHeader::new(config.cluster_secret.as_ref())?;
+        let peers = Self {
+            clients: Arc::default(),
+            secret: SecretHeader::new(config.cluster_secret.as_ref())?,
+            tls: tls.cloned(),
+        };
         for n in config.nodes.iter().filter(|n| n.id != self_id) {
-            let endpoint = crate::tls::endpoint(&n.peer_addr, tls)?
-                .connect_timeout(Duration::from_millis(500))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5));
-            let grpc = GrpcPeerClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(PEER_MESSAGE_LIMIT)
-                .max_encoding_message_size(PEER_MESSAGE_LIMIT);
-            clients.insert(
-                n.id,
-                PeerClient {
-                    target: n.id,
-                    grpc,
-                    secret: secret.clone(),
-                },
-            );
+            peers.add(n.id, &n.peer_addr)?;
         }
-        Ok(Self { clients })
+        Ok(peers)
     }
 
-    /// The client for `id`, if it is a peer of this node.
-    pub fn get(&self, id: NodeId) -> Option<&PeerClient> {
-        self.clients.get(&id)
+    /// Adds (or readdresses) peer `id` at `peer_addr`; calls in flight to an older address
+    /// finish on their own channel.
+    pub fn add(&self, id: NodeId, peer_addr: &str) -> Result<(), crate::error::Error> {
+        let endpoint = crate::tls::endpoint(peer_addr, self.tls.as_ref())?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let grpc = GrpcPeerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(PEER_MESSAGE_LIMIT)
+            .max_encoding_message_size(PEER_MESSAGE_LIMIT);
+        let client = PeerClient {
+            target: id,
+            grpc,
+            secret: self.secret.clone(),
+        };
+        self.clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, client);
+        Ok(())
+    }
+
+    /// Forgets peer `id`.
+    pub fn remove(&self, id: NodeId) {
+        self.clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// The client for `id`, if it is a peer of this node now.
+    pub fn get(&self, id: NodeId) -> Option<PeerClient> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     use sequencer_proto::peer::peer_server::{Peer, PeerServer};
     use sequencer_proto::peer::PingResponse;
@@ -309,12 +330,22 @@ mod tests {
 
     const PATIENT: Duration = Duration::from_secs(10);
 
+    /// Strings each way: what the echo peer answers.
+    struct Words;
+    impl Message for Words {
+        type Req = String;
+        type Resp = String;
+    }
+
     #[tokio::test]
     async fn appends_share_one_stream_and_each_gets_its_own_answer() {
         let echo = Echo::default();
         let mut stream = serve(echo.clone()).await.append_stream();
         for word in ["a", "b", "c"] {
-            let answer: String = stream.call(&word, PATIENT).await.unwrap();
+            let answer = stream
+                .call::<Words>(&word.to_string(), PATIENT)
+                .await
+                .unwrap();
             assert_eq!(answer, word);
         }
         assert_eq!(
@@ -329,12 +360,15 @@ mod tests {
         let echo = Echo::default();
         let mut stream = serve(echo.clone()).await.append_stream();
         let held = stream
-            .call::<_, String>(&"hold", Duration::from_millis(100))
+            .call::<Words>(&"hold".to_string(), Duration::from_millis(100))
             .await;
         assert!(matches!(held, Err(PeerError::Unreachable(..))), "{held:?}");
         // The old stream may now deliver "hold"; the next call must not see it.
         echo.release.notify_one();
-        let answer: String = stream.call(&"next", PATIENT).await.unwrap();
+        let answer = stream
+            .call::<Words>(&"next".to_string(), PATIENT)
+            .await
+            .unwrap();
         assert_eq!(answer, "next");
         assert_eq!(
             echo.streams.load(Ordering::SeqCst),

@@ -4,11 +4,12 @@
 
 mod auth;
 mod client;
+pub mod messages;
 mod service;
 
-pub use auth::{RequireSecret, SECRET_HEADER};
+pub use auth::RequireSecret;
 
-pub use client::{AppendStream, PeerClient, PeerClients, PeerError, PeerRpc};
+pub use client::{AppendStream, PeerClient, PeerClients, PeerError};
 pub use service::PeerService;
 
 /// Largest peer message, both ways: a batch of log entries or a snapshot chunk, with room.

@@ -1,23 +1,22 @@
 //! The peer service: Raft RPCs into openraft, and commands forwarded to the primary.
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use sequencer_proto::peer::peer_server::Peer;
 use sequencer_proto::peer::{PingRequest, PingResponse, RaftMessage};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::messages::{self, Message};
 use crate::bootstrap;
-use crate::liveness::{HeartbeatMsg, Liveness};
-use crate::proposer::Proposer;
 use crate::raft::codec::{decode, encode};
 use crate::raft::election::Election;
-use crate::raft::{NodeId, Raft, TypeConfig};
-use crate::state::Command;
+use crate::raft::{NodeId, Raft};
+use crate::write::liveness::Liveness;
+use crate::write::proposer::Proposer;
 
 /// Serves one node's peer address. Never registered on the client listener.
 pub struct PeerService {
@@ -30,10 +29,17 @@ pub struct PeerService {
     members: std::collections::BTreeMap<NodeId, String>,
     /// Turns true when the peer listener stops: open streams end then, or a graceful stop
     /// would wait for them forever.
-    stopping: watch::Receiver<bool>,
+    stopping: CancellationToken,
 }
 
 impl PeerService {
+    /// A forwarded call's deadline: the forwarding node's, which its grpc-timeout carries,
+    /// and never later than one of our own requests'.
+    fn deadline<T>(&self, req: &Request<T>) -> Instant {
+        let ours = self.proposer.timeout();
+        Instant::now() + grpc_timeout(req).map_or(ours, |t| t.min(ours))
+    }
+
     pub fn new(
         id: NodeId,
         raft: Raft,
@@ -41,7 +47,7 @@ impl PeerService {
         liveness: Liveness,
         election: Election,
         members: std::collections::BTreeMap<NodeId, String>,
-        stopping: watch::Receiver<bool>,
+        stopping: CancellationToken,
     ) -> Self {
         Self {
             id,
@@ -55,25 +61,43 @@ impl PeerService {
     }
 }
 
-fn parse<T: DeserializeOwned>(req: Request<RaftMessage>) -> Result<T, Status> {
-    parse_bytes(&req.into_inner().data)
+/// The request of `M`, or INVALID_ARGUMENT: nothing else is from one of ours.
+fn parse<M: Message>(req: Request<RaftMessage>) -> Result<M::Req, Status> {
+    parse_bytes::<M>(&req.into_inner().data)
 }
 
-fn parse_bytes<T: DeserializeOwned>(data: &[u8]) -> Result<T, Status> {
+fn parse_bytes<M: Message>(data: &[u8]) -> Result<M::Req, Status> {
     decode(data).map_err(|e| Status::invalid_argument(format!("undecodable peer message: {e}")))
 }
 
-fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+/// The reply of `M`.
+fn reply<M: Message>(value: &M::Resp) -> Result<Response<RaftMessage>, Status> {
     let data = encode(value).map_err(|e| Status::internal(format!("encoding reply: {e}")))?;
     Ok(Response::new(RaftMessage { data }))
 }
 
 /// Hands one AppendEntries to Raft and encodes its answer.
 async fn append_entries(raft: &Raft, election: &Election, data: &[u8]) -> Result<Vec<u8>, Status> {
-    let req: AppendEntriesRequest<TypeConfig> = parse_bytes(data)?;
+    let req = parse_bytes::<messages::AppendEntries>(data)?;
     let _leader = election.leader_message(req.vote.leader_id().term);
-    let resp = raft.append_entries(req).await;
+    let resp: <messages::AppendEntries as Message>::Resp = raft.append_entries(req).await;
     encode(&resp).map_err(|e| Status::internal(format!("encoding reply: {e}")))
+}
+
+/// The time left that a call's `grpc-timeout` header gives (gRPC's `<digits><unit>` form).
+fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let value = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The answers on a peer stream.
@@ -95,10 +119,10 @@ impl Peer for PeerService {
             self.stopping.clone(),
         );
         let answers = futures::stream::unfold(state, |state| async move {
-            let (mut incoming, raft, election, mut stopping) = state;
+            let (mut incoming, raft, election, stopping) = state;
             let next = tokio::select! {
                 next = incoming.message() => next,
-                _ = stopping.wait_for(|s| *s) => return None,
+                _ = stopping.cancelled() => return None,
             };
             let answer = match next {
                 Ok(Some(msg)) => append_entries(&raft, &election, &msg.data)
@@ -113,40 +137,43 @@ impl Peer for PeerService {
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let req: VoteRequest<NodeId> = parse(req)?;
+        let req = parse::<messages::Vote>(req)?;
         let resp = self.raft.vote(req.clone()).await;
         self.election.vote_answered(&req, &resp);
-        reply(&resp)
+        reply::<messages::Vote>(&resp)
     }
 
     async fn install_snapshot(
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let req: InstallSnapshotRequest<TypeConfig> = parse(req)?;
+        let req = parse::<messages::InstallSnapshot>(req)?;
         let _leader = self.election.leader_message(req.vote.leader_id().term);
-        reply(&self.raft.install_snapshot(req).await)
+        reply::<messages::InstallSnapshot>(&self.raft.install_snapshot(req).await)
     }
 
     async fn propose(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let command: Command = parse(req)?;
-        reply(&self.proposer.propose_forwarded(command).await)
+        let deadline = self.deadline(&req);
+        let command = parse::<messages::Propose>(req)?;
+        reply::<messages::Propose>(&self.proposer.propose_forwarded(command, deadline).await)
     }
 
     async fn heartbeat(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let msg: HeartbeatMsg = parse(req)?;
-        reply(&self.liveness.heartbeat_here(&msg).await)
+        let msg = parse::<messages::Heartbeat>(req)?;
+        reply::<messages::Heartbeat>(&self.liveness.heartbeat_here(&msg).await)
     }
 
     async fn read_index(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        // It carries nothing, but anything else is not from one of ours.
-        parse::<()>(req)?;
-        reply(&self.proposer.read_index_here().await)
+        let deadline = self.deadline(&req);
+        parse::<messages::ReadIndex>(req)?;
+        let index = self.proposer.read_index_here(deadline).await;
+        reply::<messages::ReadIndex>(&messages::ReadIndexReply(index))
     }
 
     async fn bootstrap(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        let probe: bootstrap::Probe = parse(req)?;
-        reply(&bootstrap::answer(self.id, &self.raft, &self.members, &probe).await)
+        let probe = parse::<messages::Bootstrap>(req)?;
+        let answer = bootstrap::answer(self.id, &self.raft, &self.members, &probe).await;
+        reply::<messages::Bootstrap>(&answer)
     }
 
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {

@@ -22,8 +22,10 @@ use std::time::{Duration, Instant};
 use openraft::error::RaftError;
 use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::ServerState;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::config::RaftSettings;
 use crate::raft::{NodeId, Raft};
 
 /// At most this many terms are spent catching up with one candidate; the timer covers the rest.
@@ -54,6 +56,8 @@ struct Inner {
     campaigned_after_term: AtomicU64,
     /// The highest candidate term this node already escalated for, so it does it once.
     escalated_for: AtomicU64,
+    /// Campaigns in flight, owned by the node.
+    tasks: TaskTracker,
     /// Set once the node is stopping: it starts no election on its way out.
     stopping: AtomicBool,
 }
@@ -77,7 +81,11 @@ impl Drop for LeaderMessage<'_> {
 impl Election {
     /// `lease` is openraft's leader lease (`election_timeout_max`); `spread` is
     /// `election_timeout_max - election_timeout_min`.
-    pub fn new(id: NodeId, raft: Raft, lease: Duration, spread: Duration) -> Self {
+    /// The lease is `election_timeout_max`, the spread of campaigns the gap between the two
+    /// election timeouts.
+    pub fn new(id: NodeId, raft: Raft, timing: &RaftSettings, tasks: TaskTracker) -> Self {
+        let lease = timing.election_timeout_max;
+        let spread = timing.election_timeout_max - timing.election_timeout_min;
         Self {
             inner: Arc::new(Inner {
                 id,
@@ -92,6 +100,7 @@ impl Election {
                 }),
                 leader_in_flight: AtomicUsize::new(0),
                 campaigned_after_term: AtomicU64::new(0),
+                tasks,
                 escalated_for: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
             }),
@@ -155,14 +164,14 @@ impl Election {
         self.campaign(rounds);
     }
 
-    /// The election timer; ends when `stop` turns true or Raft has shut down.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// The election timer; ends when `stop` is cancelled or Raft has shut down.
+    pub async fn run(self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.wait_for(|s| *s) => {
+                _ = stop.cancelled() => {
                     self.inner.stopping.store(true, Ordering::SeqCst);
                     return;
                 }
@@ -198,7 +207,8 @@ impl Election {
             .fetch_max(term + 1, Ordering::SeqCst);
         self.touch();
         let raft = self.inner.raft.clone();
-        tokio::spawn(async move {
+        // Owned by the node's tracker, which waits for it on the way out.
+        self.inner.tasks.spawn(async move {
             for _ in 0..rounds {
                 if raft.trigger().elect().await.is_err() {
                     return;

@@ -9,11 +9,10 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use super::{NodeId, TypeConfig};
-use crate::peer::{AppendStream, PeerClient, PeerClients, PeerError, PeerRpc};
+use crate::peer::messages::{self, Unary};
+use crate::peer::{AppendStream, PeerClient, PeerClients, PeerError};
 
 /// Hands openraft a connection per target, all sharing the peer channels.
 pub struct Network {
@@ -38,7 +37,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
-        let client = self.peers.get(target).cloned();
+        let client = self.peers.get(target);
         Connection {
             target,
             appends: client.as_ref().map(PeerClient::append_stream),
@@ -48,21 +47,19 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 impl Connection {
-    async fn send<Req, Resp, E>(
+    async fn send<M, Resp, E>(
         &self,
-        rpc: PeerRpc,
-        req: &Req,
+        req: &M::Req,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
+        M: Unary<Resp = Result<Resp, RaftError<NodeId, E>>>,
+        E: std::error::Error,
     {
         let Some(client) = &self.client else {
             return Err(self.not_in_config());
         };
-        let res = client.call(rpc, req, option.hard_ttl()).await;
+        let res = client.call::<M>(req, option.hard_ttl()).await;
         self.answer(res)
     }
 
@@ -93,7 +90,9 @@ impl RaftNetwork<TypeConfig> for Connection {
         let Some(appends) = self.appends.as_mut() else {
             return Err(self.not_in_config());
         };
-        let res = appends.call(&req, option.hard_ttl()).await;
+        let res = appends
+            .call::<messages::AppendEntries>(&req, option.hard_ttl())
+            .await;
         self.answer(res)
     }
 
@@ -105,7 +104,8 @@ impl RaftNetwork<TypeConfig> for Connection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.send(PeerRpc::InstallSnapshot, &req, &option).await
+        self.send::<messages::InstallSnapshot, _, _>(&req, &option)
+            .await
     }
 
     async fn vote(
@@ -113,6 +113,6 @@ impl RaftNetwork<TypeConfig> for Connection {
         req: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.send(PeerRpc::Vote, &req, &option).await
+        self.send::<messages::Vote, _, _>(&req, &option).await
     }
 }

@@ -1,5 +1,6 @@
 //! openraft's view of our state machine: applies committed entries to [`State`], builds and
-//! installs snapshots, and keeps the latest snapshot durable in its own file (`snapshot_file.rs`).
+//! installs snapshots, and keeps the latest snapshot durable in its own file
+//! (`store/snapshot_file.rs`).
 //!
 //! The applied state itself lives in memory. After a restart it is rebuilt from the persisted
 //! snapshot, and openraft replays the log entries that follow it.
@@ -10,61 +11,19 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, RaftSnapshotBuilder, StorageError, StorageIOError,
+    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageError,
     StoredMembership,
 };
-use redb::{Database, ReadableDatabase, TableDefinition};
-use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 
 use super::codec::{decode, encode};
-use super::snapshot_file::{Meta, SnapshotFile, StoredSnapshot};
+use super::store::snapshot_file::{Meta, SnapshotFile, StoredSnapshot};
+use super::store::StoreError;
 use super::{LogId, NodeId, TypeConfig};
-use crate::error::Error;
 use crate::state::{Command, Reply, State};
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
 type Membership = StoredMembership<NodeId, BasicNode>;
-
-/// Data dirs from before the snapshot file kept the snapshot in a table of the log's redb
-/// file: moves it into the file, then drops the table. Each step is durable, so a crash in
-/// between repeats the move. Says whether there was one to move.
-pub(super) fn move_snapshot(log_db: &Database, file: &SnapshotFile) -> Result<bool, Error> {
-    const OLD: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
-    #[derive(Deserialize)]
-    struct OldSnapshot {
-        meta: Meta,
-        data: Vec<u8>,
-    }
-    let internal = |e: String| Error::Internal(format!("moving the snapshot: {e}"));
-    let old = {
-        let txn = log_db.begin_read().map_err(|e| internal(e.to_string()))?;
-        let table = match txn.open_table(OLD) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
-            Err(e) => return Err(internal(e.to_string())),
-        };
-        let current = table.get("current").map_err(|e| internal(e.to_string()))?;
-        current.map(|v| v.value().to_vec())
-    };
-    if let Some(bytes) = &old {
-        let old: OldSnapshot =
-            decode(bytes).map_err(|e| internal(format!("snapshot does not decode: {e}")))?;
-        file.save(&old.meta, &old.data)
-            .map_err(|e| internal(e.to_string()))?;
-    }
-    let txn = log_db.begin_write().map_err(|e| internal(e.to_string()))?;
-    txn.delete_table(OLD).map_err(|e| internal(e.to_string()))?;
-    txn.commit().map_err(|e| internal(e.to_string()))?;
-    if old.is_some() {
-        tracing::info!(
-            to = super::SNAPSHOT_FILE,
-            "moved the snapshot out of {} (a data dir from an earlier version)",
-            super::LOG_FILE
-        );
-    }
-    Ok(old.is_some())
-}
 
 /// The state as of a log position.
 #[derive(Debug, Clone, Default)]
@@ -125,7 +84,10 @@ const WAKEUP_BUFFER: usize = 4096;
 
 impl StateMachine {
     /// The state machine over `file`, starting from `stored`, the snapshot read from it.
-    pub(super) fn open(file: SnapshotFile, stored: Option<StoredSnapshot>) -> Result<Self, Error> {
+    pub(super) fn open(
+        file: SnapshotFile,
+        stored: Option<StoredSnapshot>,
+    ) -> Result<Self, StoreError> {
         let sm = Self {
             inner: Arc::new(Inner {
                 file,
@@ -138,9 +100,8 @@ impl StateMachine {
             }),
         };
         if let Some(stored) = stored {
-            let state: State = decode(&stored.data).map_err(|e| {
-                Error::Internal(format!("state machine: snapshot does not decode: {e}"))
-            })?;
+            let state: State =
+                decode(&stored.data).map_err(StoreError::codec("decoding the stored snapshot"))?;
             sm.inner
                 .applied_index
                 .send_replace(stored.meta.last_log_id.map(|l| l.index));
@@ -176,8 +137,9 @@ impl StateMachine {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.file.load())
             .await
-            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
-            .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+            .map_err(StoreError::from)
+            .and_then(|r| r)
+            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))
     }
 
     /// Writes the snapshot durably, unless the stored one is at least as new: a build that
@@ -194,7 +156,7 @@ impl StateMachine {
                 .map(|wrote| (wrote, stored))
         })
         .await
-        .map_err(std::io::Error::other)
+        .map_err(StoreError::from)
         .and_then(|r| r);
         match res {
             Ok((true, stored)) => Ok(stored),
@@ -202,7 +164,7 @@ impl StateMachine {
                 tracing::debug!(?last, "a newer snapshot is already stored; kept it");
                 Ok(stored)
             }
-            Err(e) => Err(StorageIOError::write_snapshot(sig, &e).into()),
+            Err(e) => Err(e.into_raft(ErrorSubject::Snapshot(sig), ErrorVerb::Write)),
         }
     }
 }
@@ -236,6 +198,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // Copy under the lock, encode and write outside it, so applying is not held up. Both
         // take CPU in proportion to the state, so they run off the async workers (a node may
         // have only one).
+        let read_state = |e: StoreError| e.into_raft(ErrorSubject::StateMachine, ErrorVerb::Read);
         let inner = self.inner.clone();
         let (applied, data) = tokio::task::spawn_blocking(move || {
             let applied = inner
@@ -247,8 +210,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (applied, data)
         })
         .await
-        .map_err(|e| StorageIOError::read_state_machine(&e))?;
-        let data = data.map_err(|e| StorageIOError::read_state_machine(&e))?;
+        .map_err(|e| read_state(e.into()))?;
+        let data = data
+            .map_err(StoreError::codec("encoding the state"))
+            .map_err(read_state)?;
         let n = self.inner.snapshots_built.fetch_add(1, Ordering::Relaxed) + 1;
         let snapshot_id = match applied.last_applied {
             Some(l) => format!("{}-{}-{n}", l.leader_id.term, l.index),
@@ -337,11 +302,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &Meta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StResult<()> {
+        let read_snapshot = |e: StoreError| {
+            e.into_raft(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+            )
+        };
         let data = snapshot.into_inner();
         let (state, data) = tokio::task::spawn_blocking(move || (decode::<State>(&data), data))
             .await
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        let state = state.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+            .map_err(|e| read_snapshot(e.into()))?;
+        let state = state
+            .map_err(StoreError::codec("decoding the snapshot"))
+            .map_err(read_snapshot)?;
         self.save_snapshot(StoredSnapshot {
             meta: meta.clone(),
             data,
@@ -407,6 +380,7 @@ mod tests {
     use openraft::{CommittedLeaderId, Membership};
 
     use super::*;
+    use crate::raft::store::{open_store, DataDir};
 
     fn stored(index: u64) -> StoredSnapshot {
         let last = LogId::new(CommittedLeaderId::new(1, 1), index);
@@ -424,8 +398,8 @@ mod tests {
     async fn a_wait_for_an_index_ends_when_that_index_is_applied() {
         use futures::FutureExt;
         let dir = tempfile::tempdir().unwrap();
-        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
-        let (_, mut sm) = crate::raft::open_store(&data).unwrap();
+        let data = DataDir::lock(dir.path()).unwrap();
+        let (_, mut sm) = open_store(&data).unwrap();
         let reader = sm.reader();
         let blank = |index| Entry::<TypeConfig> {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
@@ -459,8 +433,8 @@ mod tests {
     #[tokio::test]
     async fn an_older_snapshot_never_replaces_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
-        let data = crate::datadir::DataDir::lock(dir.path()).unwrap();
-        let (_, sm) = crate::raft::open_store(&data).unwrap();
+        let data = DataDir::lock(dir.path()).unwrap();
+        let (_, sm) = open_store(&data).unwrap();
         sm.save_snapshot(stored(500)).await.unwrap();
         sm.save_snapshot(stored(100)).await.unwrap();
         let kept = sm.load_snapshot().await.unwrap().unwrap();

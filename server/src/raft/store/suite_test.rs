@@ -6,9 +6,9 @@ use openraft::StorageError;
 use tempfile::TempDir;
 
 use super::log_store::LogStore;
-use super::state_machine::StateMachine;
-use super::{open_store, NodeId, TypeConfig};
-use crate::datadir::DataDir;
+use super::{open_store, DataDir};
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{NodeId, TypeConfig};
 
 /// Builds a fresh store in its own temp dir for each suite case; the dir is the guard. The
 /// suite purges logs with no snapshot stored, so the purge guard is off (it has its own test).

@@ -10,39 +10,59 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
+use tokio_util::sync::CancellationToken;
 
+use super::primary::{peer_error, Router, Step};
+use crate::config::Config;
 use crate::error::Error;
-use crate::peer::{PeerClients, PeerError, PeerRpc};
-use crate::proposer::Proposer;
+use crate::peer::messages::{self, HeartbeatMsg, HeartbeatOutcome};
 use crate::raft::state_machine::StateReader;
 use crate::raft::{NodeId, Raft};
-use crate::state::{Command, GroupLimits, Rejected};
-
-/// A heartbeat as it travels to the primary.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct HeartbeatMsg {
-    pub client_id: u64,
-    pub token_hash: String,
-}
-
-/// The primary's answer to a forwarded heartbeat.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum HeartbeatOutcome {
-    Accepted,
-    NotPrimary,
-    Rejected(Rejected),
-}
+use crate::state::{Command, GroupLimits};
+use crate::write::proposer::Proposer;
 
 /// Heartbeats and the failure detector of one node. Cheap to clone.
+/// The durations liveness runs by.
+#[derive(Debug, Clone, Copy)]
+pub struct LivenessTiming {
+    /// Silence after which the primary removes a client.
+    pub failure_timeout: Duration,
+    /// How long one heartbeat may take to reach the primary: less than a client's interval.
+    pub heartbeat_deadline: Duration,
+    /// How long a quorum's confirmation lasts: less than the shortest election timeout.
+    pub lease: Duration,
+}
+
+impl LivenessTiming {
+    pub fn of(config: &Config) -> Self {
+        Self {
+            failure_timeout: config.groups.failure_timeout,
+            // A heartbeat that cannot reach the primary soon is better retried elsewhere.
+            heartbeat_deadline: config
+                .batching
+                .request_timeout
+                .min(config.groups.client_heartbeat / 2),
+            lease: config.raft.election_timeout_min,
+        }
+    }
+}
+
+/// What the primary's answer to a heartbeat means for the route.
+fn heartbeat_step(outcome: HeartbeatOutcome) -> Step<()> {
+    match outcome {
+        HeartbeatOutcome::Accepted => Step::Done(()),
+        HeartbeatOutcome::NotPrimary => Step::Retry("no primary to take the heartbeat".into()),
+        HeartbeatOutcome::Rejected(r) => Step::Fail(r.into()),
+    }
+}
+
 #[derive(Clone)]
 pub struct Liveness {
     id: NodeId,
     raft: Raft,
     reader: StateReader,
-    peers: PeerClients,
+    router: Router,
     proposer: Proposer,
     /// Last heartbeat per client, kept only while this node is primary.
     seen: Arc<Mutex<HashMap<u64, Instant>>>,
@@ -59,17 +79,19 @@ impl Liveness {
     pub fn new(
         raft: Raft,
         reader: StateReader,
-        peers: PeerClients,
         proposer: Proposer,
-        failure_timeout: Duration,
-        heartbeat_deadline: Duration,
-        lease: Duration,
+        timing: LivenessTiming,
     ) -> Self {
+        let LivenessTiming {
+            failure_timeout,
+            heartbeat_deadline,
+            lease,
+        } = timing;
         Self {
             id: proposer.id(),
             raft,
             reader,
-            peers,
+            router: proposer.router().clone(),
             proposer,
             seen: Arc::default(),
             confirmed: Arc::default(),
@@ -87,43 +109,22 @@ impl Liveness {
     /// Records a heartbeat, passing it to the primary if this node is not.
     pub async fn heartbeat(&self, client_id: u64, token_hash: String) -> Result<(), Error> {
         let deadline = Instant::now() + self.heartbeat_deadline;
-        let msg = HeartbeatMsg {
+        let msg = &HeartbeatMsg {
             client_id,
             token_hash,
         };
-        loop {
-            let primary = self.raft.metrics().borrow().current_leader;
-            let outcome = match primary {
-                Some(p) if p == self.id => self.heartbeat_here(&msg).await,
-                Some(p) => match self.peers.get(p) {
-                    Some(peer) => {
-                        // A silent primary must not hold the heartbeat past an election.
-                        let left = deadline
-                            .saturating_duration_since(Instant::now())
-                            .min(self.lease);
-                        match peer.call(PeerRpc::Heartbeat, &msg, left).await {
-                            Ok(o) => o,
-                            Err(PeerError::Unreachable(..)) => HeartbeatOutcome::NotPrimary,
-                            Err(e) => return Err(Error::Internal(e.to_string())),
-                        }
-                    }
-                    None => {
-                        return Err(Error::Internal(format!("primary {p} is not in the config")))
+        self.router
+            .on_primary(
+                deadline,
+                |_| async move { heartbeat_step(self.heartbeat_here(msg).await) },
+                |peer, wait| async move {
+                    match peer.call::<messages::Heartbeat>(msg, wait).await {
+                        Ok(outcome) => heartbeat_step(outcome),
+                        Err(e) => peer_error(e),
                     }
                 },
-                None => HeartbeatOutcome::NotPrimary,
-            };
-            match outcome {
-                HeartbeatOutcome::Accepted => return Ok(()),
-                HeartbeatOutcome::Rejected(r) => return Err(r.into()),
-                HeartbeatOutcome::NotPrimary if Instant::now() >= deadline => {
-                    return Err(Error::Unavailable(
-                        "no primary to take the heartbeat".into(),
-                    ))
-                }
-                HeartbeatOutcome::NotPrimary => sleep(Duration::from_millis(20)).await,
-            }
-        }
+            )
+            .await
     }
 
     /// On the primary: authenticates the client and records the heartbeat.
@@ -156,7 +157,7 @@ impl Liveness {
     }
 
     /// The failure detector; runs on every node and acts only while it is primary.
-    pub async fn run_detector(self, limits: GroupLimits, mut stop: watch::Receiver<bool>) {
+    pub async fn run_detector(self, limits: GroupLimits, stop: CancellationToken) {
         // Often enough to renew the lease before it lapses.
         let every = (self.failure_timeout / 4)
             .min(self.lease / 2)
@@ -165,7 +166,7 @@ impl Liveness {
         loop {
             tokio::select! {
                 _ = sleep(every) => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.cancelled() => return,
             }
             let (leader, term) = {
                 let m = self.raft.metrics();

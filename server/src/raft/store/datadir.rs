@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::Error;
+use super::StoreError;
 
 /// A node's data dir, locked for as long as this value lives (the kernel drops the lock when
 /// the process dies, however it dies).
@@ -16,13 +16,17 @@ pub struct DataDir {
     _lock: File,
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Internal(format!("{what} {}: {e}", path.display()))
+fn io(what: &'static str, path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl DataDir {
     /// Creates `path` if needed and takes its lock, or says which process holds it.
-    pub fn lock(path: &Path) -> Result<DataDir, Error> {
+    pub fn lock(path: &Path) -> Result<DataDir, StoreError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -46,10 +50,10 @@ impl DataDir {
             let _ = lock.read_to_string(&mut holder);
             let holder = holder.trim();
             let holder = if holder.is_empty() { "unknown" } else { holder };
-            return Err(Error::Internal(format!(
-                "data dir {} is in use by another process (pid {holder}); one data dir, one node",
-                path.display()
-            )));
+            return Err(StoreError::Locked {
+                dir: path.to_path_buf(),
+                holder: holder.to_string(),
+            });
         }
         let pid = std::process::id().to_string();
         lock.set_len(0)
@@ -67,7 +71,7 @@ impl DataDir {
     }
 
     /// Restricts a file of the dir to its owner.
-    pub fn protect(&self, name: &str) -> Result<(), Error> {
+    pub fn protect(&self, name: &str) -> Result<(), StoreError> {
         let file = self.path.join(name);
         std::fs::set_permissions(&file, Permissions::from_mode(0o600))
             .map_err(|e| io("restricting", &file, e))
@@ -75,7 +79,7 @@ impl DataDir {
 }
 
 /// Creates (or empties) `path` for writing, readable by this user only.
-pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
+pub(super) fn create_private(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
         .write(true)
         .create(true)
@@ -86,7 +90,7 @@ pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
 
 /// Renames the synced file `tmp` to `name` in `dir` and syncs the dir, so the new file is
 /// there whole after a crash, or the old one is.
-pub(crate) fn replace_durably(dir: &Path, tmp: &Path, name: &str) -> std::io::Result<()> {
+pub(super) fn replace_durably(dir: &Path, tmp: &Path, name: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
 }

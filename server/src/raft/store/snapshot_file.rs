@@ -11,38 +11,32 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use openraft::{BasicNode, SnapshotMeta};
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::codec::{decode, encode};
-use super::{LogId, NodeId, SNAPSHOT_FILE};
-use crate::datadir::{create_private, replace_durably};
+use super::datadir::{create_private, replace_durably};
+use super::log_store::LOG_FILE;
+use super::StoreError;
+use crate::raft::codec::{decode, encode};
+use crate::raft::{LogId, NodeId};
 
+/// The latest snapshot, a plain file of its own: in the log's redb file, writing a large
+/// snapshot held redb's one writer, and every append waited behind it.
+pub(crate) const SNAPSHOT_FILE: &str = "snapshot.bin";
 const TMP_FILE: &str = "snapshot.tmp";
 const MAGIC: &[u8; 8] = b"SEQSNAP1";
 const SUM_LEN: usize = 32;
 /// Bytes written between two flushes.
 const STEP: usize = 1 << 20;
 
-pub(super) type Meta = SnapshotMeta<NodeId, BasicNode>;
+pub(crate) type Meta = SnapshotMeta<NodeId, BasicNode>;
 
 /// A snapshot as stored: openraft's metadata and our encoded state.
-pub(super) struct StoredSnapshot {
-    pub(super) meta: Meta,
-    pub(super) data: Vec<u8>,
-}
-
-/// Why the stored snapshot could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("reading {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    /// The file is there but is not a whole snapshot.
-    #[error("{0}")]
-    Damaged(String),
+pub(crate) struct StoredSnapshot {
+    pub(crate) meta: Meta,
+    pub(crate) data: Vec<u8>,
 }
 
 /// What the saves so far left on disk.
@@ -56,7 +50,7 @@ pub(super) struct Saved {
 
 /// The snapshot file of one data dir. Saves are serialized, and an older snapshot never
 /// replaces a newer one.
-pub(super) struct SnapshotFile {
+pub(crate) struct SnapshotFile {
     dir: PathBuf,
     /// Held across a save: a build and an install may finish together.
     saving: Mutex<()>,
@@ -66,7 +60,7 @@ pub(super) struct SnapshotFile {
 impl SnapshotFile {
     /// Opens the snapshot file of `dir`, if there is one, dropping what a crash left half
     /// written.
-    pub(super) fn open(dir: &Path) -> Result<(Self, Option<StoredSnapshot>), ReadError> {
+    pub(crate) fn open(dir: &Path) -> Result<(Self, Option<StoredSnapshot>), StoreError> {
         match std::fs::remove_file(dir.join(TMP_FILE)) {
             Err(e) if e.kind() != ErrorKind::NotFound => {
                 return Err(io_err(&dir.join(TMP_FILE), e));
@@ -92,19 +86,21 @@ impl SnapshotFile {
     }
 
     /// Reads the stored snapshot. Blocks: call it off the async workers.
-    pub(super) fn load(&self) -> Result<Option<StoredSnapshot>, ReadError> {
+    pub(crate) fn load(&self) -> Result<Option<StoredSnapshot>, StoreError> {
         let path = self.dir.join(SNAPSHOT_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path, e)),
         };
-        parse(&bytes).map(Some).map_err(ReadError::Damaged)
+        parse(&bytes)
+            .map(Some)
+            .map_err(|why| StoreError::Damaged { path, why })
     }
 
     /// Writes `snapshot` durably, unless the stored one is at least as new; says whether it
     /// wrote. Blocks: call it off the async workers.
-    pub(super) fn save(&self, meta: &Meta, data: &[u8]) -> std::io::Result<bool> {
+    pub(crate) fn save(&self, meta: &Meta, data: &[u8]) -> Result<bool, StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let last = meta.last_log_id;
         let stored = self.saved.borrow().covers;
@@ -116,7 +112,11 @@ impl SnapshotFile {
             Ok(()) => saved.covers = last,
             Err(_) => saved.failed = saved.failed.max(last),
         });
-        res.map(|()| true)
+        res.map(|()| true).map_err(|source| StoreError::Io {
+            what: "writing",
+            path: self.dir.join(SNAPSHOT_FILE),
+            source,
+        })
     }
 
     fn write(&self, meta: &Meta, data: &[u8]) -> std::io::Result<()> {
@@ -146,15 +146,54 @@ impl SnapshotFile {
     }
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> ReadError {
-    ReadError::Io {
-        path: path.display().to_string(),
+fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        what: "reading",
+        path: path.to_path_buf(),
         source,
     }
 }
 
+/// Data dirs from before the snapshot file kept the snapshot in a table of the log's redb
+/// file: moves it into the file, then drops the table. Each step is durable, so a crash in
+/// between repeats the move. Says whether there was one to move.
+pub(super) fn move_snapshot(log_db: &Database, file: &SnapshotFile) -> Result<bool, StoreError> {
+    const OLD: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+    #[derive(Deserialize)]
+    struct OldSnapshot {
+        meta: Meta,
+        data: Vec<u8>,
+    }
+    let old = {
+        let txn = log_db.begin_read()?;
+        let table = match txn.open_table(OLD) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let current = table.get("current")?;
+        current.map(|v| v.value().to_vec())
+    };
+    if let Some(bytes) = &old {
+        let old: OldSnapshot = decode(bytes).map_err(StoreError::codec(
+            "decoding the snapshot kept in the log's file",
+        ))?;
+        file.save(&old.meta, &old.data)?;
+    }
+    let txn = log_db.begin_write()?;
+    txn.delete_table(OLD)?;
+    txn.commit()?;
+    if old.is_some() {
+        tracing::info!(
+            to = SNAPSHOT_FILE,
+            "moved the snapshot out of {LOG_FILE} (a data dir from an earlier version)"
+        );
+    }
+    Ok(old.is_some())
+}
+
 /// A whole snapshot from the file's bytes, or what is wrong with them.
-pub(super) fn parse(bytes: &[u8]) -> Result<StoredSnapshot, String> {
+pub(crate) fn parse(bytes: &[u8]) -> Result<StoredSnapshot, String> {
     let head = MAGIC.len() + 4;
     if bytes.len() < head + SUM_LEN {
         return Err(format!("is cut short ({} bytes)", bytes.len()));
@@ -247,7 +286,7 @@ mod tests {
         for case in cases {
             std::fs::write(dir.path().join(SNAPSHOT_FILE), &case).unwrap();
             assert!(
-                matches!(file.load(), Err(ReadError::Damaged(_))),
+                matches!(file.load(), Err(StoreError::Damaged { .. })),
                 "{} bytes read as a snapshot",
                 case.len()
             );

@@ -1,13 +1,13 @@
 //! Sends as a batch [`Plan`]: every Send waiting on this node goes to the primary as ONE
 //! `Send` entry, in arrival order, which keeps each sender's messages in sender_seq order.
 
-use crate::batch::{Batcher, Plan};
 use crate::error::Error;
 use crate::raft::NodeId;
 use crate::state::{Command, GroupLimits, Reply, SendRequest, Sent};
+use crate::write::batch::{Batcher, Plan};
 
 /// The batcher that serves Messenger.Send.
-pub type Sender = Batcher<SendPlan>;
+pub type SendBatcher = Batcher<SendPlan>;
 
 pub struct SendPlan {
     pub limits: GroupLimits,

@@ -17,11 +17,11 @@ use proptest::prelude::*;
 use prost::Message;
 use sequencer_proto::v1 as pb;
 
-use super::codec::{decode, encode};
-use super::snapshot_file::{parse, SnapshotFile};
-use super::{NodeId, TypeConfig};
 use crate::config::Config;
-use crate::liveness::HeartbeatMsg;
+use crate::peer::messages::HeartbeatMsg;
+use crate::raft::codec::{decode, encode};
+use crate::raft::store::snapshot_file::{parse, SnapshotFile, SNAPSHOT_FILE};
+use crate::raft::{NodeId, TypeConfig};
 use crate::state::{AllocRequest, Command, GroupLimits, SendRequest, State, Touched};
 
 fn corpus_dir(kind: &str) -> PathBuf {
@@ -362,8 +362,8 @@ fn write_fuzz_corpus() {
     let tmp = tempfile::tempdir().unwrap();
     let (file, _) = SnapshotFile::open(tmp.path()).unwrap();
     file.save(&meta, &encode(&state).unwrap()).unwrap();
-    let stored = std::fs::read(tmp.path().join(super::SNAPSHOT_FILE)).unwrap();
-    write("snapshot", super::SNAPSHOT_FILE, stored);
+    let stored = std::fs::read(tmp.path().join(SNAPSHOT_FILE)).unwrap();
+    write("snapshot", SNAPSHOT_FILE, stored);
     let vote = VoteRequest::<NodeId>::new(Vote::new(3, 2), Some(log_id(2, 7)));
     write("peer", "vote.json", encode(&vote).unwrap());
     let append = AppendEntriesRequest::<TypeConfig> {

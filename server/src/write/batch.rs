@@ -12,9 +12,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::proposer::{Committed, Proposer};
+use crate::peer::messages::Committed;
 use crate::raft::NodeId;
 use crate::state::{Command, Reply};
+use crate::write::proposer::Proposer;
 
 /// Most waiters served by one log entry.
 const MAX_WAITERS_PER_BATCH: usize = 65_536;
@@ -50,6 +51,60 @@ pub trait Plan: Send + Sync + 'static {
         primary: NodeId,
     ) -> Vec<Result<Self::Out, Error>>;
 }
+
+/// What one log entry may hold.
+#[derive(Debug, Clone, Copy)]
+struct EntryLimits {
+    waiters: usize,
+    keys: usize,
+    bytes: usize,
+}
+
+const ENTRY_LIMITS: EntryLimits = EntryLimits {
+    waiters: MAX_WAITERS_PER_BATCH,
+    keys: MAX_KEYS_PER_BATCH,
+    bytes: MAX_BATCH_BYTES,
+};
+
+/// Fills one entry: `first`, then whatever `next` yields while the entry has room for it.
+/// The first request that does not fit (a key too many, or bytes past the limit) is handed
+/// back to open the next entry; `first` always goes, so one request larger than the byte
+/// limit goes alone.
+fn fill<T>(
+    first: T,
+    mut next: impl FnMut() -> Option<T>,
+    key: impl Fn(&T) -> &str,
+    size: impl Fn(&T) -> usize,
+    limits: EntryLimits,
+) -> (Vec<T>, Option<T>) {
+    let mut keys: HashSet<String> = HashSet::from([key(&first).to_string()]);
+    let mut bytes = size(&first);
+    let mut batch = vec![first];
+    while batch.len() < limits.waiters {
+        let Some(p) = next() else { break };
+        let new_key = !keys.contains(key(&p));
+        if (new_key && keys.len() == limits.keys) || bytes + size(&p) > limits.bytes {
+            return (batch, Some(p));
+        }
+        if new_key {
+            keys.insert(key(&p).to_string());
+        }
+        bytes += size(&p);
+        batch.push(p);
+    }
+    (batch, None)
+}
+
+/// Splits a batch at `now` into the requests still worth proposing and those whose time ran
+/// out in the queue; a caller that already gave up is dropped from both.
+fn live<R, O>(batch: Batch<R, O>, now: Instant) -> (Batch<R, O>, Batch<R, O>) {
+    batch
+        .into_iter()
+        .filter(|p| !p.reply.is_closed())
+        .partition(|p| p.deadline > now)
+}
+
+type Batch<R, O> = Vec<Pending<R, O>>;
 
 struct Pending<R, O> {
     req: R,
@@ -116,30 +171,16 @@ async fn run<P: Plan>(
                 None => break,
             },
         };
-        let mut keys: HashSet<String> = HashSet::from([P::key(&first.req).to_string()]);
-        let mut bytes = P::size(&first.req);
-        let mut batch = vec![first];
-        while batch.len() < MAX_WAITERS_PER_BATCH {
-            let Ok(p) = rx.try_recv() else { break };
-            let new_key = !keys.contains(P::key(&p.req));
-            if (new_key && keys.len() == MAX_KEYS_PER_BATCH)
-                || bytes + P::size(&p.req) > MAX_BATCH_BYTES
-            {
-                carry = Some(p);
-                break;
-            }
-            if new_key {
-                keys.insert(P::key(&p.req).to_string());
-            }
-            bytes += P::size(&p.req);
-            batch.push(p);
-        }
+        let (batch, next) = fill(
+            first,
+            || rx.try_recv().ok(),
+            |p| P::key(&p.req),
+            |p| P::size(&p.req),
+            ENTRY_LIMITS,
+        );
+        carry = next;
         // A caller that gave up, or whose time ran out in the queue, would only waste the log.
-        let now = Instant::now();
-        let (batch, expired): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .filter(|p| !p.reply.is_closed())
-            .partition(|p| p.deadline > now);
+        let (batch, expired) = live(batch, Instant::now());
         for p in expired {
             let _ = p.reply.send(Err(Error::Unavailable(
                 "no batch reached the primary within request_timeout_ms".into(),
@@ -181,7 +222,7 @@ async fn run<P: Plan>(
                 // Answer once applied here, while the next batch is already on its way.
                 let (plan, proposer) = (plan.clone(), proposer.clone());
                 replies.spawn(async move {
-                    let ready = proposer.wait_applied(committed.index).await;
+                    let ready = proposer.wait_applied(committed.index, deadline).await;
                     answer(&*plan, waiters, split, committed, ready);
                 });
             }
@@ -222,5 +263,79 @@ fn answer<P: Plan>(
     }
     for (w, a) in waiters.into_iter().zip(answers) {
         let _ = w.send(a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A request: its key and its payload bytes.
+    type Req = (&'static str, usize);
+
+    const SMALL: EntryLimits = EntryLimits {
+        waiters: 4,
+        keys: 2,
+        bytes: 100,
+    };
+
+    #[test]
+    fn fill_keeps_each_entry_within_its_limits_and_carries_the_first_misfit() {
+        // (queue, expected batch length, expected carried-over request)
+        let cases: &[(&[Req], usize, Option<Req>)] = &[
+            (&[("a", 0)], 1, None),
+            // Same key: only the waiter limit applies.
+            (&[("a", 0), ("a", 0), ("a", 0), ("a", 0), ("a", 0)], 4, None),
+            // A third distinct key opens the next entry; a repeat of a known key still fits.
+            (
+                &[("a", 0), ("b", 0), ("a", 0), ("c", 0), ("a", 0)],
+                3,
+                Some(("c", 0)),
+            ),
+            // Bytes: up to the limit exactly, then the next one is carried over.
+            (&[("a", 60), ("a", 40), ("a", 1)], 2, Some(("a", 1))),
+            (&[("a", 60), ("a", 41)], 1, Some(("a", 41))),
+            // One request larger than the limit goes alone.
+            (&[("a", 500), ("a", 1)], 1, Some(("a", 1))),
+        ];
+        for (queue, len, carried) in cases {
+            let mut rest = queue[1..].iter().copied();
+            let (batch, carry) = fill(queue[0], || rest.next(), |r| r.0, |r| r.1, SMALL);
+            assert_eq!(batch.len(), *len, "{queue:?}");
+            assert_eq!(batch[..], queue[..*len], "{queue:?}");
+            assert_eq!(carry, *carried, "{queue:?}");
+            // Nothing is read past the carried-over request.
+            let read = len + usize::from(carry.is_some());
+            assert_eq!(rest.count(), queue.len() - read, "{queue:?}");
+        }
+    }
+
+    #[test]
+    fn live_drops_expired_and_abandoned_requests() {
+        let now = Instant::now();
+        let pending = |deadline| {
+            let (reply, rx) = oneshot::channel::<Result<(), Error>>();
+            (
+                Pending {
+                    req: (),
+                    deadline,
+                    reply,
+                },
+                rx,
+            )
+        };
+        let (fresh, _keep1) = pending(now + Duration::from_secs(1));
+        let (late, mut told) = pending(now - Duration::from_millis(1));
+        let (abandoned, gone) = pending(now + Duration::from_secs(1));
+        drop(gone);
+        let (ok, expired) = live(vec![fresh, late, abandoned], now);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(expired.len(), 1);
+        assert!(
+            told.try_recv().is_err(),
+            "live only sorts; run() answers the expired"
+        );
     }
 }

@@ -22,12 +22,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::snapshot_file::ReadError;
-use super::JOURNAL_FILE;
-use crate::datadir::{create_private, replace_durably};
+use super::datadir::{create_private, replace_durably};
+use super::StoreError;
 
+/// The log's journal: appends are durable once written and synced here, before redb holds
+/// them durably.
+pub(crate) const JOURNAL_FILE: &str = "raft.journal";
 /// The journal's size. An append that does not fit in what is left commits redb durably
 /// instead, and the journal starts over.
 pub(super) const JOURNAL_BYTES: usize = 8 << 20;
@@ -41,6 +43,8 @@ pub(super) type Rows = Vec<(u64, Vec<u8>)>;
 /// The open journal of one data dir.
 pub(super) struct Journal {
     file: File,
+    /// For errors.
+    path: PathBuf,
     generation: u64,
     /// Where the next record goes.
     end: usize,
@@ -53,11 +57,16 @@ impl Journal {
         dir: &Path,
         generation: u64,
         must_exist: bool,
-    ) -> Result<(Self, Vec<Rows>), ReadError> {
+    ) -> Result<(Self, Vec<Rows>), StoreError> {
         let path = dir.join(JOURNAL_FILE);
-        let io = |e| ReadError::Io {
-            path: path.display().to_string(),
-            source: e,
+        let io = |source| StoreError::Io {
+            what: "reading",
+            path: path.clone(),
+            source,
+        };
+        let damaged = |why| StoreError::Damaged {
+            path: path.clone(),
+            why,
         };
         match std::fs::remove_file(dir.join(TMP_FILE)) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(io(e)),
@@ -66,7 +75,7 @@ impl Journal {
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == ErrorKind::NotFound && must_exist => {
-                return Err(ReadError::Damaged(
+                return Err(damaged(
                     "is missing, though raft.redb says appends were journaled there".into(),
                 ))
             }
@@ -77,12 +86,12 @@ impl Journal {
             Err(e) => return Err(io(e)),
         };
         if bytes.len() != JOURNAL_BYTES {
-            return Err(ReadError::Damaged(format!(
+            return Err(damaged(format!(
                 "is {} bytes long, not {JOURNAL_BYTES} (cut short or extended)",
                 bytes.len()
             )));
         }
-        let (records, end) = live_records(&bytes, generation).map_err(ReadError::Damaged)?;
+        let (records, end) = live_records(&bytes, generation).map_err(damaged)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -90,6 +99,7 @@ impl Journal {
             .map_err(io)?;
         let journal = Self {
             file,
+            path,
             generation,
             end,
         };
@@ -103,7 +113,15 @@ impl Journal {
 
     /// Writes one record of `rows` and syncs it; false, writing nothing, if it does not fit in
     /// what is left.
-    pub(super) fn append(&mut self, rows: &[(u64, Vec<u8>)]) -> std::io::Result<bool> {
+    pub(super) fn append(&mut self, rows: &[(u64, Vec<u8>)]) -> Result<bool, StoreError> {
+        self.write(rows).map_err(|source| StoreError::Io {
+            what: "writing",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn write(&mut self, rows: &[(u64, Vec<u8>)]) -> std::io::Result<bool> {
         let record = encode_record(self.generation, rows)?;
         if self.end + record.len() > JOURNAL_BYTES {
             return Ok(false);
@@ -298,7 +316,7 @@ mod tests {
                     };
                     assert_eq!(records, expected, "flip at {at}");
                 }
-                Err(ReadError::Damaged(msg)) => {
+                Err(StoreError::Damaged { why: msg, .. }) => {
                     assert!(!last, "flip at {at} in the last record refused: {msg}");
                     assert!(
                         !padding.iter().any(|p| p.contains(&at)),
@@ -319,7 +337,7 @@ mod tests {
             let mut bytes = clean.clone();
             bytes.resize(len, 0);
             assert!(
-                matches!(open(&bytes), Err(ReadError::Damaged(m)) if m.contains("bytes long")),
+                matches!(open(&bytes), Err(StoreError::Damaged { why: m, .. }) if m.contains("bytes long")),
                 "{len} bytes"
             );
         }
@@ -334,7 +352,9 @@ mod tests {
         // raft.redb fell back to a commit that named an older generation.
         for older in [0, 4] {
             match Journal::open(dir.path(), older, true) {
-                Err(ReadError::Damaged(m)) => assert!(m.contains("generation 5"), "{m}"),
+                Err(StoreError::Damaged { why: m, .. }) => {
+                    assert!(m.contains("generation 5"), "{m}")
+                }
                 other => panic!("generation {older}: {:?}", other.map(|(_, r)| r)),
             }
         }
@@ -348,7 +368,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
             Journal::open(dir.path(), 2, true),
-            Err(ReadError::Damaged(m)) if m.contains("missing")
+            Err(StoreError::Damaged { why: m, .. }) if m.contains("missing")
         ));
         assert!(!dir.path().join(JOURNAL_FILE).exists());
         // A crash while it was being made leaves only the temporary file, which goes.

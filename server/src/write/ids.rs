@@ -3,10 +3,10 @@
 
 use std::collections::HashMap;
 
-use crate::batch::{Batcher, Plan};
 use crate::error::Error;
 use crate::raft::NodeId;
 use crate::state::{AllocRequest, Command, Reply};
+use crate::write::batch::{Batcher, Plan};
 
 /// Ids granted to one request.
 #[derive(Debug, Clone, Copy)]

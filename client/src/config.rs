@@ -1,0 +1,126 @@
+//! What the client reads from a cluster's config.json: where the servers are, and the hosts
+//! their certificates must name. The server owns the file's meaning; this reads only the keys
+//! that say where nodes listen, with the server's defaults.
+
+use serde_json::Value;
+
+use crate::ClientError;
+
+fn parse(text: &str) -> Result<Value, ClientError> {
+    serde_json::from_str(text).map_err(|e| ClientError::Config(e.to_string()))
+}
+
+fn missing(what: String) -> ClientError {
+    ClientError::Config(format!("{what} is missing"))
+}
+
+/// The client addresses of a config.json, in node order: the explicit `nodes` list, or the
+/// shorthand `servers`/`host`/`base_port` (defaults 3, 127.0.0.1, 50051).
+pub fn addrs_from_config(text: &str) -> Result<Vec<String>, ClientError> {
+    let v = parse(text)?;
+    if let Some(nodes) = v.get("nodes").and_then(|n| n.as_array()) {
+        let mut with_ids = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let addr = n
+                .get("addr")
+                .and_then(|a| a.as_str())
+                .ok_or_else(|| missing(format!("nodes[{i}].addr")))?;
+            let id = n.get("id").and_then(|i| i.as_u64()).unwrap_or(i as u64);
+            with_ids.push((id, addr.to_string()));
+        }
+        with_ids.sort();
+        return Ok(with_ids.into_iter().map(|(_, a)| a).collect());
+    }
+    let servers = v.get("servers").and_then(|s| s.as_u64()).unwrap_or(3);
+    let host = v
+        .get("host")
+        .and_then(|s| s.as_str())
+        .unwrap_or("127.0.0.1");
+    let base = v.get("base_port").and_then(|s| s.as_u64()).unwrap_or(50051);
+    Ok((0..servers)
+        .map(|k| format!("{host}:{}", base + k))
+        .collect())
+}
+
+/// The host of a `host:port` address, as a certificate must name it.
+fn host_of(addr: &str) -> Result<String, ClientError> {
+    if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+        return Ok(a.ip().to_string());
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(host.to_string())
+        }
+        _ => Err(ClientError::Config(format!(
+            "`{addr}` is not a host:port address"
+        ))),
+    }
+}
+
+/// Each node's id and the hosts it is reached on (client and peer address), from config.json
+/// text: for certificates that must name them.
+pub fn node_hosts_from_config(text: &str) -> Result<Vec<(u64, Vec<String>)>, ClientError> {
+    let v = parse(text)?;
+    if let Some(nodes) = v.get("nodes").and_then(|n| n.as_array()) {
+        let mut out = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let id = n
+                .get("id")
+                .and_then(|i| i.as_u64())
+                .ok_or_else(|| missing(format!("nodes[{i}].id")))?;
+            let mut hosts = Vec::new();
+            for key in ["addr", "peer_addr"] {
+                let addr = n
+                    .get(key)
+                    .and_then(|a| a.as_str())
+                    .ok_or_else(|| missing(format!("nodes[{i}].{key}")))?;
+                hosts.push(host_of(addr)?);
+            }
+            hosts.dedup();
+            out.push((id, hosts));
+        }
+        return Ok(out);
+    }
+    let servers = v.get("servers").and_then(|s| s.as_u64()).unwrap_or(3);
+    let host = v
+        .get("host")
+        .and_then(|s| s.as_str())
+        .unwrap_or("127.0.0.1");
+    Ok((1..=servers).map(|k| (k, vec![host.to_string()])).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_from_shorthand_and_list() {
+        assert_eq!(
+            addrs_from_config(r#"{"servers": 2, "base_port": 7000}"#).unwrap(),
+            vec!["127.0.0.1:7000", "127.0.0.1:7001"]
+        );
+        let list = r#"{"nodes": [{"id": 2, "addr": "10.0.0.2:1", "peer_addr": "x"},
+                                 {"id": 1, "addr": "10.0.0.1:1", "peer_addr": "y"}]}"#;
+        assert_eq!(
+            addrs_from_config(list).unwrap(),
+            vec!["10.0.0.1:1", "10.0.0.2:1"]
+        );
+    }
+
+    #[test]
+    fn hosts_of_each_node_once_and_errors_that_name_the_key() {
+        let list = r#"{"nodes": [{"id": 1, "addr": "db1:1", "peer_addr": "db1:2"},
+                                 {"id": 2, "addr": "10.0.0.2:1", "peer_addr": "[::1]:2"}]}"#;
+        assert_eq!(
+            node_hosts_from_config(list).unwrap(),
+            vec![
+                (1, vec!["db1".to_string()]),
+                (2, vec!["10.0.0.2".to_string(), "::1".to_string()])
+            ]
+        );
+        let e = node_hosts_from_config(r#"{"nodes": [{"id": 1, "addr": "a:1"}]}"#).unwrap_err();
+        assert_eq!(e.to_string(), "config: nodes[0].peer_addr is missing");
+        let e = addrs_from_config("{").unwrap_err();
+        assert!(e.to_string().starts_with("config: "), "{e}");
+    }
+}

@@ -1,0 +1,64 @@
+//! The one error type of the client library, and the gRPC code names it prints.
+
+use tonic::{Code, Status};
+
+/// What the client library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no server address given")]
+    NoServers,
+    #[error("invalid server address `{0}`: {1}")]
+    BadAddress(String, String),
+    /// A config.json that does not say where the servers are.
+    #[error("config: {0}")]
+    Config(String),
+    /// A server answered with an error that retrying elsewhere would not fix.
+    #[error("{}: {}", code_name(.status.code()), .status.message())]
+    Rejected { server: String, status: Status },
+    /// Every server was tried until the deadline.
+    #[error("no server could serve the call; last error from {server}: {}: {}", code_name(.status.code()), .status.message())]
+    Unavailable { server: String, status: Status },
+}
+
+impl ClientError {
+    /// The gRPC status behind the error, if a server sent one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Rejected { status, .. } | ClientError::Unavailable { status, .. } => {
+                Some(status)
+            }
+            _ => None,
+        }
+    }
+
+    /// The gRPC code behind the error; INVALID_ARGUMENT for a client built without servers,
+    /// with a bad address or from a bad config.
+    pub fn code(&self) -> Code {
+        self.status()
+            .map(|s| s.code())
+            .unwrap_or(Code::InvalidArgument)
+    }
+}
+
+/// `INVALID_ARGUMENT` style names, as grpcurl and the gRPC docs spell them.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

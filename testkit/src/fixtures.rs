@@ -1,0 +1,46 @@
+//! For tests that start `server` themselves: a config on free ports, certificates made by the
+//! real `client gen-certs`, and where this build's binaries are.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::free_ports;
+
+/// A config of `n` nodes on free 127.0.0.1 ports with an explicit `nodes` list and its data
+/// under `dir/data`, for tests that start `server` themselves.
+pub fn nodes_config(dir: &Path, n: usize) -> anyhow::Result<Value> {
+    let ports = free_ports(2 * n)?;
+    let nodes: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"id": i + 1, "addr": format!("127.0.0.1:{}", ports[2 * i]),
+                   "peer_addr": format!("127.0.0.1:{}", ports[2 * i + 1])})
+        })
+        .collect();
+    Ok(json!({"nodes": nodes, "data_dir": dir.join("data")}))
+}
+
+/// Certificates for a shorthand cluster of `servers` nodes on 127.0.0.1, written into
+/// `dir/certs` by the real `client gen-certs` (`client` is its binary).
+pub fn gen_certs(client: &Path, dir: &Path, servers: usize) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("config.json"),
+        json!({ "servers": servers }).to_string(),
+    )?;
+    let out = Command::new(client)
+        .args(["gen-certs", "--out", "certs"])
+        .current_dir(dir)
+        .output()
+        .context("running client gen-certs (cargo build --bin client)")?;
+    if !out.status.success() {
+        bail!("gen-certs: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Where the `server` binary of this build is, given any binary of the same target dir.
+pub fn sibling_binary(known: &str, name: &str) -> PathBuf {
+    Path::new(known).with_file_name(name)
+}

@@ -1,0 +1,121 @@
+//! The waits on a [`Cluster`]: until its nodes agree on a primary, a value is applied
+//! everywhere, a snapshot is on disk. Each polls with a deadline ([`READY_TIMEOUT`]) and fails
+//! at once if a node it counts on has exited; none sleeps in the hope that a node is up.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use tokio::time::{sleep, Instant};
+
+use crate::cluster::StoredSnapshot;
+use crate::{Cluster, READY_TIMEOUT};
+
+impl Cluster {
+    /// Waits until every running node names the same running primary; returns its id.
+    pub async fn wait_for_primary(&mut self) -> anyhow::Result<u64> {
+        let running = self.running();
+        self.wait_for_primary_among(&running).await
+    }
+
+    /// Waits until the nodes `ids` (running ones) name the same primary among them: for
+    /// when another node is cut off or paused and still believes what it believed.
+    pub async fn wait_for_primary_among(&mut self, ids: &[u64]) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            if let Some(p) = self.agreed_primary(ids).await {
+                return Ok(p);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "no agreed primary among {ids:?} within {:?}\n{}",
+                    READY_TIMEOUT,
+                    self.log_tails()
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until CurrentId of `sequence` is `expected` on every running node.
+    pub async fn wait_current_id(&mut self, sequence: &str, expected: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let mut seen = Vec::new();
+            for id in self.running() {
+                let c = self.client_for(id).with_deadline(Duration::from_secs(1));
+                seen.push((id, c.current_id(sequence).await.map(|r| r.id).ok()));
+            }
+            if seen.iter().all(|(_, v)| *v == Some(expected)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "CurrentId({sequence}) never reached {expected} everywhere: {seen:?}\n{}",
+                    self.log_tails()
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn agreed_primary(&self, ids: &[u64]) -> Option<u64> {
+        let running = self.running();
+        let members: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| running.contains(id))
+            .collect();
+        let mut agreed = None;
+        for &id in &members {
+            let c = self
+                .client_for(id)
+                .with_deadline(Duration::from_millis(500));
+            let p = u64::from(c.status().await.ok()?.primary);
+            if p == 0 || !members.contains(&p) || agreed.is_some_and(|a| a != p) {
+                return None;
+            }
+            agreed = Some(p);
+        }
+        agreed
+    }
+
+    /// Fails if a node we believe is running has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for n in &mut self.nodes {
+            if let Some(child) = &mut n.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let id = n.id;
+                    n.child = None;
+                    bail!(
+                        "node {id} exited unexpectedly ({status})\n{}",
+                        self.log_tails()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until node `id` holds a snapshot covering log index `at_least`, and returns it.
+    pub async fn wait_snapshot(
+        &mut self,
+        id: u64,
+        at_least: u64,
+    ) -> anyhow::Result<StoredSnapshot> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let snapshot = self.snapshot(id)?;
+            match snapshot {
+                Some(s) if s.index >= Some(at_least) => return Ok(s),
+                _ if Instant::now() >= deadline => bail!(
+                    "node {id} holds no snapshot covering index {at_least}: {snapshot:?}\n{}",
+                    self.log_tails()
+                ),
+                _ => sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+}
