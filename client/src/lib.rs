@@ -13,6 +13,9 @@
 //! servers), `transport` (channels, TLS), `keep_alive` (heartbeats), `config` (config.json),
 //! `error`. The other files of `src/` belong to the `client` binary.
 
+// A library must not panic on what a server or a user hands it.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod client;
 mod config;
 mod error;

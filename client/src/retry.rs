@@ -87,9 +87,9 @@ impl RetryPolicy {
     /// gets `rpc_timeout` or what is left of the deadline, whichever is less. Returns the index
     /// of the server that answered.
     ///
-    /// A server is not tried again with less time left than its last attempt took: a request
-    /// the call could not wait for would stay behind on the server, where it may still take
-    /// effect (burn an id) after the call has failed.
+    /// A server is not tried again with less time left than its last attempt took (the others
+    /// still are): a request the call could not wait for would stay behind on the server,
+    /// where it may still take effect (burn an id) after the call has failed.
     pub(crate) async fn call<T, F, Fut>(
         &self,
         servers: &[Server],
@@ -113,8 +113,14 @@ impl RetryPolicy {
             let i = (first + tries) % n;
             let server = &servers[i];
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || took[i].is_some_and(|t| t > left) {
+            let too_slow = |t: &Option<Duration>| t.is_some_and(|t| t > left);
+            if left.is_zero() || took.iter().all(too_slow) {
                 return Err(self.out_of_time(server, last));
+            }
+            if too_slow(&took[i]) {
+                // This one cannot be waited for; another server may answer sooner.
+                tries += 1;
+                continue;
             }
             let budget = self.rpc_timeout.min(left);
             let started = Instant::now();
@@ -298,6 +304,29 @@ mod tests {
         assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert_eq!(calls, 1, "a retry the deadline would cut short was started");
         assert!(started.elapsed() < Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn a_server_too_slow_for_the_time_left_is_skipped_and_the_others_are_still_tried() {
+        let calls = AtomicUsize::new(0);
+        let res = policy(10_000, 300)
+            .call(&servers(2), 0, |_| {
+                let k = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    match k {
+                        // Server 0 takes 200 ms to say no; server 1 says no at once, then yes.
+                        0 => {
+                            tokio::time::sleep(ms(200)).await;
+                            Err(Status::unavailable("no primary"))
+                        }
+                        1 => Err(Status::unavailable("no primary")),
+                        _ => Ok(tonic::Response::new(5u64)),
+                    }
+                }
+            })
+            .await;
+        assert_eq!(res.unwrap(), (1, 5));
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "server 0 was tried again");
     }
 
     #[tokio::test]

@@ -262,7 +262,8 @@ pub fn make_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
     let secret = random_secret()?;
     create_private_dir(data_dir)?;
     let path = data_dir.join(SECRET_FILE);
-    let tmp = data_dir.join(format!("{SECRET_FILE}.tmp"));
+    // A name of our own: two launchers starting at once must not write one file.
+    let tmp = data_dir.join(format!("{SECRET_FILE}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         // Left by a launcher that died here; create_new then makes it ours, 0600.
         match std::fs::remove_file(&tmp) {

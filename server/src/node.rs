@@ -96,6 +96,12 @@ pub async fn run(
     // Every task of the node but the listeners and batchers: each ends on a stop, or when
     // Raft does, and `run` waits for them all before it returns.
     let tasks = TaskTracker::new();
+    // A start that fails half way (a `?` below) still stops every task spawned so far: they
+    // hold Raft, whose own timer would go on campaigning.
+    let _stop_on_exit = (
+        stop_clients.clone().drop_guard(),
+        stop_peers.clone().drop_guard(),
+    );
     // The one route to the primary, for commands, read barriers and heartbeats.
     let router = Router::new(
         id,

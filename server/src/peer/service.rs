@@ -159,8 +159,9 @@ impl Peer for PeerService {
     }
 
     async fn heartbeat(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let deadline = self.deadline(&req);
         let msg = parse::<messages::Heartbeat>(req)?;
-        reply::<messages::Heartbeat>(&self.liveness.heartbeat_here(&msg).await)
+        reply::<messages::Heartbeat>(&self.liveness.heartbeat_here(&msg, deadline).await)
     }
 
     async fn read_index(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

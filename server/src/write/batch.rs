@@ -186,9 +186,12 @@ async fn run<P: Plan>(
                 "no batch reached the primary within request_timeout_ms".into(),
             )));
         }
+        // Proposed by the oldest waiter's deadline; once committed, the entry is awaited here
+        // until the newest one's, so a request that just arrived is not failed early.
         let Some(deadline) = batch.iter().map(|p| p.deadline).min() else {
             continue;
         };
+        let apply_by = batch.iter().map(|p| p.deadline).max().unwrap_or(deadline);
         let (requests, waiters): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.req, p.reply)).unzip();
         let (command, split) = plan.command(requests);
@@ -222,7 +225,7 @@ async fn run<P: Plan>(
                 // Answer once applied here, while the next batch is already on its way.
                 let (plan, proposer) = (plan.clone(), proposer.clone());
                 replies.spawn(async move {
-                    let ready = proposer.wait_applied(committed.index, deadline).await;
+                    let ready = proposer.wait_applied(committed.index, apply_by).await;
                     answer(&*plan, waiters, split, committed, ready);
                 });
             }

@@ -22,7 +22,6 @@ use crate::raft::{NodeId, Raft};
 use crate::state::{Command, GroupLimits};
 use crate::write::proposer::Proposer;
 
-/// Heartbeats and the failure detector of one node. Cheap to clone.
 /// The durations liveness runs by.
 #[derive(Debug, Clone, Copy)]
 pub struct LivenessTiming {
@@ -57,6 +56,7 @@ fn heartbeat_step(outcome: HeartbeatOutcome) -> Step<()> {
     }
 }
 
+/// Heartbeats and the failure detector of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Liveness {
     id: NodeId,
@@ -116,7 +116,7 @@ impl Liveness {
         self.router
             .on_primary(
                 deadline,
-                |_| async move { heartbeat_step(self.heartbeat_here(msg).await) },
+                |deadline| async move { heartbeat_step(self.heartbeat_here(msg, deadline).await) },
                 |peer, wait| async move {
                     match peer.call::<messages::Heartbeat>(msg, wait).await {
                         Ok(outcome) => heartbeat_step(outcome),
@@ -127,8 +127,8 @@ impl Liveness {
             .await
     }
 
-    /// On the primary: authenticates the client and records the heartbeat.
-    pub async fn heartbeat_here(&self, msg: &HeartbeatMsg) -> HeartbeatOutcome {
+    /// On the primary: authenticates the client and records the heartbeat, by `deadline`.
+    pub async fn heartbeat_here(&self, msg: &HeartbeatMsg, deadline: Instant) -> HeartbeatOutcome {
         if self.raft.metrics().borrow().current_leader != Some(self.id) || !self.lease_valid() {
             return HeartbeatOutcome::NotPrimary;
         }
@@ -139,7 +139,7 @@ impl Liveness {
         let mut res = check();
         if res.is_err() {
             // A registration committed elsewhere may not be applied here yet.
-            if self.proposer.read_barrier().await.is_err() {
+            if self.proposer.read_barrier_until(deadline).await.is_err() {
                 return HeartbeatOutcome::NotPrimary;
             }
             res = check();

@@ -92,7 +92,13 @@ impl Router {
         FF: Future<Output = Step<T>>,
     {
         let started = Instant::now();
+        let mut reason = "the request's deadline passed before it was sent".to_string();
         loop {
+            // Checked before each attempt: one begun past the deadline might still commit
+            // after its caller was told it failed.
+            if Instant::now() >= deadline {
+                return Err(self.gave_up(&reason, started));
+            }
             let step = match self.primary() {
                 Some(p) if p == self.id => here(deadline).await,
                 Some(p) => match self.peers.get(p) {
@@ -101,6 +107,8 @@ impl Router {
                             .saturating_duration_since(Instant::now())
                             .min(self.forward_cap);
                         tokio::select! {
+                            // An answer that is in wins over a move seen at the same time.
+                            biased;
                             step = there(peer, wait) => step,
                             to = self.primary_moves_from(p) => Step::Retry(format!(
                                 "primary moved from node {p} to node {to} during the call"
@@ -111,20 +119,24 @@ impl Router {
                 },
                 None => Step::Retry("no primary elected".into()),
             };
-            let reason = match step {
+            reason = match step {
                 Step::Done(v) => return Ok(v),
                 Step::Fail(e) => return Err(e),
                 Step::Retry(reason) => reason,
             };
             if Instant::now() + RETRY_PAUSE >= deadline {
-                return Err(Error::Unavailable(format!(
-                    "{reason} (gave up after {} ms; request_timeout_ms = {})",
-                    started.elapsed().as_millis(),
-                    self.timeout.as_millis()
-                )));
+                return Err(self.gave_up(&reason, started));
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }
+    }
+
+    fn gave_up(&self, reason: &str, started: Instant) -> Error {
+        Error::Unavailable(format!(
+            "{reason} (gave up after {} ms; request_timeout_ms = {})",
+            started.elapsed().as_millis(),
+            self.timeout.as_millis()
+        ))
     }
 
     /// Resolves once this node sees a primary other than `from`, naming it. A call in flight

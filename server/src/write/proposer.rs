@@ -20,6 +20,10 @@ use crate::state::{Command, Reply};
 /// UNAVAILABLE for an entry that did commit has lost what it asked for.
 const APPLY_GRACE: Duration = Duration::from_millis(100);
 
+/// Less time than this left, and a command is not proposed at all: no round of fsyncs and
+/// replication finishes in it.
+const MIN_TIME_TO_COMMIT: Duration = Duration::from_millis(2);
+
 /// Commits commands through the primary. Cheap to clone.
 #[derive(Clone)]
 pub struct Proposer {
@@ -134,7 +138,11 @@ impl Proposer {
     /// Waits until this node has applied everything the primary had committed when this was
     /// called: after it, a local read sees every write acknowledged before.
     pub async fn read_barrier(&self) -> Result<(), Error> {
-        let deadline = self.deadline();
+        self.read_barrier_until(self.deadline()).await
+    }
+
+    /// [`read_barrier`](Self::read_barrier), within a deadline the caller already runs by.
+    pub async fn read_barrier_until(&self, deadline: Instant) -> Result<(), Error> {
         let index = self
             .router
             .on_primary(
@@ -211,6 +219,13 @@ impl Proposer {
     async fn propose_here(&self, command: Command, deadline: Instant) -> Step<Committed> {
         if let Err(e) = self.disk.check() {
             return Step::Fail(e);
+        }
+        // Raft takes the entry on the first poll, before any timer: one proposed with no
+        // time left could commit after its caller was told it failed.
+        if deadline.saturating_duration_since(Instant::now()) < MIN_TIME_TO_COMMIT {
+            return Step::Fail(Error::Unavailable(
+                "the request's deadline passed before it reached the primary".into(),
+            ));
         }
         match timeout_at(deadline, self.raft.client_write(command)).await {
             Ok(Ok(resp)) => Step::Done(Committed {
