@@ -8,7 +8,7 @@
 //! second time. So a fresh node bootstraps only on a unanimous answer; once any node reports
 //! a cluster's state, it never does, and waits for that cluster's primary to contact it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use openraft::BasicNode;
@@ -20,13 +20,10 @@ use crate::peer::messages::{self, Answer, Probe, ProbeReply};
 use crate::peer::PeerClients;
 use crate::raft::{NodeId, Raft};
 
-/// The members a bootstrap uses: every node of the config.
-pub fn members(config: &Config) -> BTreeMap<NodeId, String> {
-    config
-        .nodes
-        .iter()
-        .map(|n| (n.id, n.peer_addr.clone()))
-        .collect()
+/// The members a bootstrap uses: the ids of every node of the config. Only ids: each node
+/// may reach its peers by names or proxies of its own.
+pub fn members(config: &Config) -> BTreeSet<NodeId> {
+    config.nodes.iter().map(|n| n.id).collect()
 }
 
 /// Whether this node has never held any Raft state: never voted or heard a leader, no log
@@ -38,15 +35,10 @@ pub async fn is_fresh(raft: &Raft) -> bool {
 }
 
 /// This node's answer to a peer's probe.
-pub async fn answer(
-    id: NodeId,
-    raft: &Raft,
-    mine: &BTreeMap<NodeId, String>,
-    probe: &Probe,
-) -> ProbeReply {
+pub async fn answer(id: NodeId, raft: &Raft, mine: &BTreeSet<NodeId>, probe: &Probe) -> ProbeReply {
     let answer = if !is_fresh(raft).await {
         Answer::HasState
-    } else if !probe.members.keys().eq(mine.keys()) {
+    } else if probe.members != *mine {
         Answer::OtherMembers
     } else {
         Answer::Fresh
@@ -73,7 +65,7 @@ pub async fn run(
     id: NodeId,
     raft: Raft,
     peers: PeerClients,
-    members: BTreeMap<NodeId, String>,
+    members: BTreeSet<NodeId>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     if !is_fresh(&raft).await {
@@ -92,7 +84,7 @@ pub async fn run(
         let probe = Probe {
             members: members.clone(),
         };
-        let asks = members.keys().filter(|p| **p != id).map(|p| {
+        let asks = members.iter().filter(|p| **p != id).map(|p| {
             let probe = probe.clone();
             let peers = &peers;
             async move {
@@ -187,20 +179,16 @@ pub async fn run(
 /// same log id, and Raft takes entries with one log id to be the same, so each node must
 /// write the very same entry: the member ids only, no addresses (each node's config may
 /// reach its peers by other names; the peer network dials what the config says).
-async fn initialize(
-    id: NodeId,
-    raft: &Raft,
-    members: &BTreeMap<NodeId, String>,
-) -> Result<(), Error> {
+async fn initialize(id: NodeId, raft: &Raft, members: &BTreeSet<NodeId>) -> Result<(), Error> {
     let nodes: BTreeMap<NodeId, BasicNode> = members
-        .keys()
+        .iter()
         .map(|id| (*id, BasicNode::default()))
         .collect();
     match raft.initialize(nodes).await {
         Ok(()) => {
             tracing::info!(
                 node = id,
-                members = ?members.keys().collect::<Vec<_>>(),
+                members = ?members,
                 "bootstrapped a new cluster: every node of the config has an empty data dir"
             );
             Ok(())

@@ -5,8 +5,7 @@
 
 use std::ffi::OsString;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
+use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -17,6 +16,7 @@ use sequencer_proto::v1::cluster_client::ClusterClient;
 use sequencer_proto::v1::StatusRequest;
 use sequencer_server::config::{Config, SECRET_FILE};
 use sequencer_server::tls::{self, TlsMaterial};
+use sequencer_server::{pid_lock_holder, take_pid_lock, Lock, LOCK_FILE};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
@@ -179,56 +179,20 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", dir.display()))
 }
 
-/// Takes `flock` on `file` without waiting: `Ok(false)` if another process holds it.
-fn try_flock(file: &File) -> std::io::Result<bool> {
-    // Safety: flock on a descriptor we own; closing it releases the lock.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.kind() == ErrorKind::WouldBlock {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
-/// The pid a lock file names, as written by its holder.
-fn holder(mut file: &File) -> String {
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    match text.trim() {
-        "" => "unknown".into(),
-        pid => pid.into(),
-    }
-}
-
 /// One launcher per data dir: the lock on `data_dir/LAUNCHER.lock`, held while the returned
 /// file is open (the kernel drops it when the process dies, however it dies).
 fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
     create_private_dir(data_dir)?;
     let path = data_dir.join(LAUNCHER_LOCK);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    if !try_flock(&file).with_context(|| format!("locking {}", path.display()))? {
-        bail!(
-            "another launcher (pid {}) is running on data dir {}; stop it first",
-            holder(&file),
+    match take_pid_lock(data_dir, LAUNCHER_LOCK)
+        .with_context(|| format!("locking {}", path.display()))?
+    {
+        Lock::Taken(file) => Ok(file),
+        Lock::HeldBy(pid) => bail!(
+            "another launcher (pid {pid}) is running on data dir {}; stop it first",
             data_dir.display()
-        );
+        ),
     }
-    let pid = std::process::id().to_string();
-    file.set_len(0)
-        .and_then(|_| file.seek(SeekFrom::Start(0)))
-        .and_then(|_| file.write_all(pid.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(file)
 }
 
 /// Refuses to start when a node's data dir is locked by another process, such as a
@@ -236,18 +200,12 @@ fn lock_data_dir(data_dir: &Path) -> anyhow::Result<File> {
 fn refuse_node_dirs_in_use(config: &Config) -> anyhow::Result<()> {
     for node in &config.nodes {
         let dir = config.node_dir(node.id);
-        // No lock file: the node never ran here. Unreadable: node K will say why itself.
-        let Ok(file) = File::open(dir.join("LOCK")) else {
-            continue;
-        };
-        // Taken for a moment only: dropping `file` releases it.
-        if let Ok(false) = try_flock(&file) {
+        if let Some(pid) = pid_lock_holder(&dir, LOCK_FILE) {
             bail!(
-                "node {}'s data dir {} is in use by pid {} (a `server --node {}` started by \
+                "node {}'s data dir {} is in use by pid {pid} (a `server --node {}` started by \
                  hand?); stop it first",
                 node.id,
                 dir.display(),
-                holder(&file),
                 node.id
             );
         }

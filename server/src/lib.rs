@@ -27,3 +27,5 @@ pub(crate) mod write;
 pub use config::Config;
 pub use error::Error;
 pub use node::{run, Listeners};
+/// The pid locks of data dirs, for the launcher.
+pub use raft::store::datadir::{pid_lock_holder, take_pid_lock, Lock, LOCK_FILE};

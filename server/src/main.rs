@@ -54,34 +54,9 @@ fn main() -> ExitCode {
         data_dir: args.data_dir.clone(),
         worker_threads: args.worker_threads,
     };
-    let config = match Config::load(&path, required, &overrides) {
+    let config = match load_config(args.node.is_none(), &path, required, &overrides) {
         Ok(c) => c,
-        // Peers must share a secret; with none configured, the launcher makes one up, kept
-        // in the data dir for its next start and for `server --node K` (Config::load reads it).
-        Err(ConfigError::NoSecret { data_dir, .. }) if args.node.is_none() => {
-            match launcher::make_secret(&data_dir) {
-                Ok(file) => say(format_args!(
-                    "made up a cluster secret, kept in {} (mode 0600) for the next start and \
-                     for `server --node K` on this data dir",
-                    file.display()
-                )),
-                Err(e) => {
-                    say(format_args!("{e:#}"));
-                    return ExitCode::FAILURE;
-                }
-            }
-            match Config::load(&path, required, &overrides) {
-                Ok(c) => c,
-                Err(e) => {
-                    say(e);
-                    return ExitCode::from(CONFIG_ERROR as u8);
-                }
-            }
-        }
-        Err(e) => {
-            say(e);
-            return ExitCode::from(CONFIG_ERROR as u8);
-        }
+        Err(code) => return code,
     };
     let mut builder = match args.node {
         Some(_) => {
@@ -117,6 +92,39 @@ fn main() -> ExitCode {
         Err(e) => {
             say(format_args!("{e:#}"));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The config, or the exit code after saying why not. Peers must share a secret: with none
+/// configured, the launcher makes one up, kept in the data dir for its next start and for
+/// `server --node K` (Config::load reads it there), and loads again.
+fn load_config(
+    launcher: bool,
+    path: &std::path::Path,
+    required: bool,
+    overrides: &Overrides,
+) -> Result<Config, ExitCode> {
+    let mut made_secret = false;
+    loop {
+        match Config::load(path, required, overrides) {
+            Ok(c) => return Ok(c),
+            Err(ConfigError::NoSecret { data_dir, .. }) if launcher && !made_secret => {
+                let file = launcher::make_secret(&data_dir).map_err(|e| {
+                    say(format_args!("{e:#}"));
+                    ExitCode::FAILURE
+                })?;
+                say(format_args!(
+                    "made up a cluster secret, kept in {} (mode 0600) for the next start and \
+                     for `server --node K` on this data dir",
+                    file.display()
+                ));
+                made_secret = true;
+            }
+            Err(e) => {
+                say(e);
+                return Err(ExitCode::from(CONFIG_ERROR as u8));
+            }
         }
     }
 }

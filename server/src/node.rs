@@ -1,7 +1,7 @@
 //! One node: opens its store, joins Raft, and serves the client and peer listeners until told
 //! to stop. Listeners arrive already bound, so callers choose the ports (tests bind port 0).
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -316,7 +316,7 @@ async fn bootstrap_task(
     id: NodeId,
     raft: Raft,
     peers: PeerClients,
-    members: BTreeMap<NodeId, String>,
+    members: BTreeSet<NodeId>,
     stop: CancellationToken,
 ) {
     if let Err(e) = bootstrap::run(id, raft, peers, members, stop).await {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use sequencer_client::pb::delivery::Kind;
 use sequencer_client::pb::Delivery;
 use sequencer_client::{Client, Identity, KeepAlive};
-use testkit::{assert_code, Cluster};
+use testkit::{assert_code, member, Cluster};
 use tonic::Code;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
@@ -25,14 +25,6 @@ async fn started(builder: testkit::Builder) -> Cluster {
 /// control is per connection, and a test's unread subscription must not hold heartbeats up.
 fn keep_alive(client: &Client, me: &Identity) -> KeepAlive {
     Client::new(client.addrs()).unwrap().keep_alive(me)
-}
-
-/// Registers `name`, keeps it alive, and joins `group`; returns the join's next_seq too.
-async fn member(client: &Client, name: &str, group: &str) -> (Identity, u64, KeepAlive) {
-    let me = Identity::from(&client.register(name).await.unwrap());
-    let alive = keep_alive(client, &me);
-    let joined = client.join(&me, group).await.unwrap();
-    (me, joined.next_seq, alive)
 }
 
 /// Reads deliveries until `done` says the list is complete, or fails after 30 s.

@@ -7,6 +7,9 @@ use sequencer_proto::v1::sequencer_client::SequencerClient;
 use sequencer_proto::v1::GetIdRequest;
 use testkit::Cluster;
 
+mod common;
+use common::{allocate, message, peer_client};
+
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
 /// One GetId straight to `addr` (no client-side retry): its status code and how long the
@@ -134,10 +137,6 @@ async fn a_request_answers_within_request_timeout_when_the_primary_is_cut_off() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_propose_whose_deadline_has_passed_is_never_proposed() {
-    use sequencer_proto::peer::peer_client::PeerClient;
-    use sequencer_proto::peer::RaftMessage;
-    use sequencer_server::state::{AllocRequest, Command};
-
     let mut cluster = Cluster::builder(SERVER).nodes(3).start().unwrap();
     let primary = cluster.wait_for_primary().await.unwrap();
     let client = cluster.client_for(primary);
@@ -145,22 +144,8 @@ async fn a_forwarded_propose_whose_deadline_has_passed_is_never_proposed() {
 
     // A Propose as a follower forwards it, but with a caller's deadline already spent: the
     // primary must not put it into Raft, where it would commit after its caller gave up.
-    let allocate = serde_json::to_vec(&Command::Allocate {
-        requests: vec![AllocRequest {
-            sequence: "default".into(),
-            count: 1000,
-        }],
-        max_sequences: 10_000,
-    })
-    .unwrap();
-    let mut peer = PeerClient::connect(format!("http://{}", cluster.node(primary).peer_addr))
-        .await
-        .unwrap();
-    let mut req = tonic::Request::new(RaftMessage { data: allocate });
-    req.metadata_mut().insert(
-        "x-cluster-secret",
-        cluster.cluster_secret().unwrap().parse().unwrap(),
-    );
+    let mut peer = peer_client(&cluster.node(primary).peer_addr).await;
+    let mut req = message(&allocate(1000), cluster.cluster_secret());
     req.set_timeout(Duration::from_millis(1));
     let _ = peer.propose(req).await;
 

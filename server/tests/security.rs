@@ -3,35 +3,15 @@
 
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::Vote;
-use sequencer_proto::peer::peer_client::PeerClient;
-use sequencer_proto::peer::{PingRequest, RaftMessage};
+use sequencer_proto::peer::PingRequest;
 use sequencer_server::raft::TypeConfig;
-use sequencer_server::state::{AllocRequest, Command};
 use testkit::Cluster;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
+mod common;
+use common::{allocate, message, peer_client};
+
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
-
-async fn peer_client(addr: &str) -> PeerClient<Channel> {
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    PeerClient::new(ch)
-}
-
-fn message(data: &[u8], secret: Option<&str>) -> Request<RaftMessage> {
-    let mut req = Request::new(RaftMessage {
-        data: data.to_vec(),
-    });
-    if let Some(s) = secret {
-        req.metadata_mut()
-            .insert("x-cluster-secret", s.parse().unwrap());
-    }
-    req
-}
 
 fn refused<T: std::fmt::Debug>(rpc: &str, res: Result<T, tonic::Status>) {
     match res {
@@ -51,14 +31,7 @@ async fn peer_rpcs_without_the_cluster_secret_are_refused_and_change_nothing() {
 
     // Valid messages: with the secret, each would take effect (the last step proves it for
     // Propose), so only the gate can refuse them.
-    let allocate = serde_json::to_vec(&Command::Allocate {
-        requests: vec![AllocRequest {
-            sequence: "default".into(),
-            count: 1000,
-        }],
-        max_sequences: 10_000,
-    })
-    .unwrap();
+    let allocate = allocate(1000);
     let other = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
     let higher = before.term + 100;
     let vote =

@@ -9,39 +9,13 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use prost::Message;
 use sequencer_client::pb::{Delivery, SubscribeRequest};
-use sequencer_client::{Client, Identity};
-use testkit::{assert_code, Cluster};
+use sequencer_client::Identity;
+use testkit::{assert_code, member, Cluster};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tonic::Code;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
-
-/// Heartbeats for one client until dropped, as a real client does.
-struct Alive(tokio::task::JoinHandle<()>);
-
-impl Drop for Alive {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Registers `name`, keeps it alive, and joins `group`; returns the join's next_seq too.
-async fn member(client: &Client, name: &str, group: &str) -> (Identity, u64, Alive) {
-    let registered = client.register(name).await.unwrap();
-    let me = Identity::from(&registered);
-    let every = Duration::from_millis(u64::from(registered.heartbeat_interval_ms));
-    let beat = Client::new(client.addrs()).unwrap();
-    let beat_me = me.clone();
-    let alive = Alive(tokio::spawn(async move {
-        loop {
-            let _ = beat.heartbeat(&beat_me).await;
-            tokio::time::sleep(every).await;
-        }
-    }));
-    let joined = client.join(&me, group).await.unwrap();
-    (me, joined.next_seq, alive)
-}
 
 /// Resident memory of process `pid`, in bytes (0 once it is gone).
 fn rss(pid: u32) -> u64 {

@@ -44,3 +44,21 @@ pub fn gen_certs(client: &Path, dir: &Path, servers: usize) -> anyhow::Result<()
 pub fn sibling_binary(known: &str, name: &str) -> PathBuf {
     Path::new(known).with_file_name(name)
 }
+
+/// Registers `name`, keeps it alive and joins `group`; returns its identity, the join's
+/// `next_seq`, and the guard that keeps it alive. The heartbeats go from a client of their
+/// own, as a separate process would: HTTP/2 flow control is per connection, and a test's
+/// unread subscription must not hold them up.
+pub async fn member(
+    client: &sequencer_client::Client,
+    name: &str,
+    group: &str,
+) -> (sequencer_client::Identity, u64, sequencer_client::KeepAlive) {
+    use sequencer_client::{Client, Identity};
+    let me = Identity::from(&client.register(name).await.expect("register"));
+    let alive = Client::new(client.addrs())
+        .expect("the same addresses")
+        .keep_alive(&me);
+    let joined = client.join(&me, group).await.expect("join");
+    (me, joined.next_seq, alive)
+}

@@ -23,5 +23,5 @@ pub mod workload;
 pub use builder::Builder;
 pub use checks::{assert_code, health, ServingStatus};
 pub use cluster::{Cluster, Node, StoredSnapshot, READY_TIMEOUT};
-pub use fixtures::{gen_certs, nodes_config, sibling_binary};
+pub use fixtures::{gen_certs, member, nodes_config, sibling_binary};
 pub use ports::free_ports;

@@ -77,10 +77,8 @@ async fn track(
             (m.current_leader, m.current_term, m.running_state.clone())
         };
         if let Err(fatal) = running {
-            // Stopped is our own graceful shutdown; anything else (a storage failure) is not.
-            if !matches!(fatal, openraft::error::Fatal::Stopped) {
-                tracing::error!(node = id, error = %fatal, "raft stopped; this node no longer serves");
-            }
+            // node.rs tells the story of a failure (and exits over it); here it only ends.
+            tracing::debug!(node = id, error = %fatal, "raft stopped; health says not serving");
             return;
         }
         if known != Some(leader) {

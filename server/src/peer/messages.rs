@@ -4,7 +4,7 @@
 //! to decode at run time. They travel as serde bytes inside `RaftMessage`; nothing here is
 //! protobuf.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
@@ -138,8 +138,8 @@ pub struct ReadIndexReply(pub Option<u64>);
 /// Asked of every configured peer by a fresh node before it bootstraps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Probe {
-    /// The members the asking node would bootstrap with: id -> peer address.
-    pub members: BTreeMap<NodeId, String>,
+    /// The ids of the members the asking node would bootstrap with.
+    pub members: BTreeSet<NodeId>,
 }
 
 /// A peer's answer to a [`Probe`], naming who gives it: two ids of a config that reach the

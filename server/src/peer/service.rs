@@ -26,7 +26,7 @@ pub struct PeerService {
     liveness: Liveness,
     election: Election,
     /// The members this node would bootstrap with, to compare with a fresh peer's.
-    members: std::collections::BTreeMap<NodeId, String>,
+    members: std::collections::BTreeSet<NodeId>,
     /// Turns true when the peer listener stops: open streams end then, or a graceful stop
     /// would wait for them forever.
     stopping: CancellationToken,
@@ -46,7 +46,7 @@ impl PeerService {
         proposer: Proposer,
         liveness: Liveness,
         election: Election,
-        members: std::collections::BTreeMap<NodeId, String>,
+        members: std::collections::BTreeSet<NodeId>,
         stopping: CancellationToken,
     ) -> Self {
         Self {

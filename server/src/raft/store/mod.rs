@@ -5,7 +5,7 @@
 //! any of it (`open.rs`). Every part fails with one [`StoreError`] (`error.rs`).
 
 mod cache;
-mod datadir;
+pub(crate) mod datadir;
 mod error;
 mod journal;
 mod log_store;
