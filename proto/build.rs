@@ -13,8 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("sequencer_v1_descriptor.bin"))
         .compile_protos(&["proto/sequencer.proto"], &["proto"])?;
     tonic_prost_build::configure().compile_protos(&["proto/peer.proto"], &["proto"])?;
-    // etcd's own services, for the benchmark only (the server side serves its tests).
-    tonic_prost_build::configure().compile_protos(&["proto/etcd/rpc.proto"], &["proto"])?;
+    // etcd's own services (its schema, cut down), for the benchmark only; the server side
+    // serves its tests.
+    tonic_prost_build::configure()
+        .compile_protos(&["third_party/etcd/rpc.proto"], &["third_party"])?;
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=third_party");
     Ok(())
 }

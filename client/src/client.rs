@@ -20,6 +20,24 @@ use crate::{pb, ClientError, Tls};
 /// The heartbeat interval assumed until a server says otherwise.
 const DEFAULT_HEARTBEAT_MS: u64 = 1000;
 
+/// One RPC through [`Client::call_under`]: `rpc!(self, TrackerClient.join(req))`, or with a
+/// policy of its own, `rpc!(self, policy, ...)`. Every attempt sends its own clone of the
+/// request, on a stub for the channel of the server tried.
+macro_rules! rpc {
+    ($client:expr, $stub:ident . $method:ident ($req:expr)) => {
+        rpc!($client, $client.policy, $stub.$method($req))
+    };
+    ($client:expr, $policy:expr, $stub:ident . $method:ident ($req:expr)) => {{
+        let req = $req;
+        $client
+            .call_under($policy, |ch| {
+                let req = req.clone();
+                async move { $stub::new(ch).$method(req).await }
+            })
+            .await
+    }};
+}
+
 /// Who a group-messaging client is: what Register returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -121,14 +139,7 @@ impl Client {
         let req = pb::GetIdRequest {
             sequence: sequence.to_string(),
         };
-        let resp = self
-            .call(|ch| {
-                let req = req.clone();
-                async move { SequencerClient::new(ch).get_id(req).await }
-            })
-            .await?;
-        self.follow_primary(resp.primary);
-        Ok(resp)
+        rpc!(self, SequencerClient.get_id(req)).inspect(|resp| self.follow_primary(resp.primary))
     }
 
     /// A dense block of `count` ids of `sequence`.
@@ -141,14 +152,7 @@ impl Client {
             sequence: sequence.to_string(),
             count,
         };
-        let resp = self
-            .call(|ch| {
-                let req = req.clone();
-                async move { SequencerClient::new(ch).get_ids(req).await }
-            })
-            .await?;
-        self.follow_primary(resp.primary);
-        Ok(resp)
+        rpc!(self, SequencerClient.get_ids(req)).inspect(|resp| self.follow_primary(resp.primary))
     }
 
     /// The last id of `sequence` as applied on the server that answers.
@@ -156,17 +160,12 @@ impl Client {
         let req = pb::CurrentIdRequest {
             sequence: sequence.to_string(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { SequencerClient::new(ch).current_id(req).await }
-        })
-        .await
+        rpc!(self, SequencerClient.current_id(req))
     }
 
     /// The cluster as the answering server sees it.
     pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
-        self.call(|ch| async move { ClusterClient::new(ch).status(pb::StatusRequest {}).await })
-            .await
+        rpc!(self, ClusterClient.status(pb::StatusRequest {}))
     }
 
     /// Registers a new client identity under `name`.
@@ -174,14 +173,8 @@ impl Client {
         let req = pb::RegisterRequest {
             name: name.to_string(),
         };
-        let resp = self
-            .call(|ch| {
-                let req = req.clone();
-                async move { TrackerClient::new(ch).register(req).await }
-            })
-            .await?;
-        self.learn_heartbeat(resp.heartbeat_interval_ms);
-        Ok(resp)
+        rpc!(self, TrackerClient.register(req))
+            .inspect(|resp| self.learn_heartbeat(resp.heartbeat_interval_ms))
     }
 
     /// Joins `group` (creating it); joining again only returns the group's state.
@@ -191,11 +184,7 @@ impl Client {
             token: me.token.clone(),
             group: group.to_string(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { TrackerClient::new(ch).join(req).await }
-        })
-        .await
+        rpc!(self, TrackerClient.join(req))
     }
 
     pub async fn leave(&self, me: &Identity, group: &str) -> Result<(), ClientError> {
@@ -204,12 +193,7 @@ impl Client {
             token: me.token.clone(),
             group: group.to_string(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { TrackerClient::new(ch).leave(req).await }
-        })
-        .await
-        .map(|_| ())
+        rpc!(self, TrackerClient.leave(req)).map(|_| ())
     }
 
     pub async fn unregister(&self, me: &Identity) -> Result<(), ClientError> {
@@ -217,12 +201,7 @@ impl Client {
             client_id: me.client_id,
             token: me.token.clone(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { TrackerClient::new(ch).unregister(req).await }
-        })
-        .await
-        .map(|_| ())
+        rpc!(self, TrackerClient.unregister(req)).map(|_| ())
     }
 
     /// Tells the primary this client is alive; send one every `heartbeat_interval_ms`, which
@@ -233,15 +212,8 @@ impl Client {
             token: me.token.clone(),
         };
         let policy = self.policy.for_heartbeat(self.heartbeat_interval());
-        let (i, resp) = policy
-            .call(&self.servers, self.current.load(Ordering::Relaxed), |ch| {
-                let req = req.clone();
-                async move { TrackerClient::new(ch).heartbeat(req).await }
-            })
-            .await?;
-        self.current.store(i, Ordering::Relaxed);
-        self.learn_heartbeat(resp.heartbeat_interval_ms);
-        Ok(resp)
+        rpc!(self, policy, TrackerClient.heartbeat(req))
+            .inspect(|resp| self.learn_heartbeat(resp.heartbeat_interval_ms))
     }
 
     /// The heartbeat interval servers last asked for.
@@ -256,23 +228,14 @@ impl Client {
     }
 
     pub async fn list_groups(&self) -> Result<pb::ListGroupsResponse, ClientError> {
-        self.call(|ch| async move {
-            TrackerClient::new(ch)
-                .list_groups(pb::ListGroupsRequest {})
-                .await
-        })
-        .await
+        rpc!(self, TrackerClient.list_groups(pb::ListGroupsRequest {}))
     }
 
     pub async fn list_members(&self, group: &str) -> Result<pb::ListMembersResponse, ClientError> {
         let req = pb::ListMembersRequest {
             group: group.to_string(),
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { TrackerClient::new(ch).list_members(req).await }
-        })
-        .await
+        rpc!(self, TrackerClient.list_members(req))
     }
 
     /// Sends `payload` to `group` as this client's message number `sender_seq` (1, 2, ...).
@@ -291,11 +254,7 @@ impl Client {
             sender_seq,
             payload,
         };
-        self.call(|ch| {
-            let req = req.clone();
-            async move { MessengerClient::new(ch).send(req).await }
-        })
-        .await
+        rpc!(self, MessengerClient.send(req))
     }
 
     /// The deliveries of `group` from `from_seq` (0: from the next one), then live ones.
@@ -312,12 +271,8 @@ impl Client {
             group: group.to_string(),
             from_seq,
         };
-        self.call(|ch| {
-            let req = req.clone();
-            // The timeouts cover only the wait for the stream to open.
-            async move { MessengerClient::new(ch).subscribe(req).await }
-        })
-        .await
+        // The timeouts cover only the wait for the stream to open.
+        rpc!(self, MessengerClient.subscribe(req))
     }
 
     /// The standard gRPC health check: the cheapest call a server answers, the floor that
@@ -325,15 +280,10 @@ impl Client {
     pub async fn ping(&self) -> Result<(), ClientError> {
         use tonic_health::pb::health_client::HealthClient;
         use tonic_health::pb::HealthCheckRequest;
-        self.call(|ch| async move {
-            HealthClient::new(ch)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-        })
-        .await
-        .map(|_| ())
+        let req = HealthCheckRequest {
+            service: String::new(),
+        };
+        rpc!(self, HealthClient.check(req)).map(|_| ())
     }
 
     /// Asks any server for the cluster's layout, learns which of this client's servers is which
@@ -362,14 +312,14 @@ impl Client {
         }
     }
 
-    /// Calls `f` under the client's retry policy, from the server that answered last.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    /// Calls `f` under `policy`, from the server that answered last; the one that answers
+    /// becomes the next call's first.
+    async fn call_under<T, F, Fut>(&self, policy: RetryPolicy, f: F) -> Result<T, ClientError>
     where
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let (i, resp) = self
-            .policy
+        let (i, resp) = policy
             .call(&self.servers, self.current.load(Ordering::Relaxed), f)
             .await?;
         self.current.store(i, Ordering::Relaxed);

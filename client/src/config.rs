@@ -10,32 +10,49 @@ fn parse(text: &str) -> Result<Value, ClientError> {
     serde_json::from_str(text).map_err(|e| ClientError::Config(e.to_string()))
 }
 
-fn missing(what: String) -> ClientError {
-    ClientError::Config(format!("{what} is missing"))
+/// The explicit `nodes` list, if the config has one.
+fn node_list(v: &Value) -> Option<&Vec<Value>> {
+    v.get("nodes").and_then(|n| n.as_array())
+}
+
+/// Key `key` of node `n`, the `i`th of the list, as `read` takes it; absent or of another
+/// type, an error that names it.
+fn node_key<'a, T>(
+    n: &'a Value,
+    i: usize,
+    key: &str,
+    read: impl FnOnce(&'a Value) -> Option<T>,
+) -> Result<T, ClientError> {
+    n.get(key)
+        .and_then(read)
+        .ok_or_else(|| ClientError::Config(format!("nodes[{i}].{key} is missing")))
+}
+
+/// The shorthand's node count and host, with the server's defaults (3, 127.0.0.1).
+fn shorthand(v: &Value) -> (u64, &str) {
+    let servers = v.get("servers").and_then(|s| s.as_u64()).unwrap_or(3);
+    let host = v
+        .get("host")
+        .and_then(|s| s.as_str())
+        .unwrap_or("127.0.0.1");
+    (servers, host)
 }
 
 /// The client addresses of a config.json, in node order: the explicit `nodes` list, or the
 /// shorthand `servers`/`host`/`base_port` (defaults 3, 127.0.0.1, 50051).
 pub fn addrs_from_config(text: &str) -> Result<Vec<String>, ClientError> {
     let v = parse(text)?;
-    if let Some(nodes) = v.get("nodes").and_then(|n| n.as_array()) {
+    if let Some(nodes) = node_list(&v) {
         let mut with_ids = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
-            let addr = n
-                .get("addr")
-                .and_then(|a| a.as_str())
-                .ok_or_else(|| missing(format!("nodes[{i}].addr")))?;
+            let addr = node_key(n, i, "addr", Value::as_str)?;
             let id = n.get("id").and_then(|i| i.as_u64()).unwrap_or(i as u64);
             with_ids.push((id, addr.to_string()));
         }
         with_ids.sort();
         return Ok(with_ids.into_iter().map(|(_, a)| a).collect());
     }
-    let servers = v.get("servers").and_then(|s| s.as_u64()).unwrap_or(3);
-    let host = v
-        .get("host")
-        .and_then(|s| s.as_str())
-        .unwrap_or("127.0.0.1");
+    let (servers, host) = shorthand(&v);
     let base = v.get("base_port").and_then(|s| s.as_u64()).unwrap_or(50051);
     Ok((0..servers)
         .map(|k| format!("{host}:{}", base + k))
@@ -61,31 +78,20 @@ fn host_of(addr: &str) -> Result<String, ClientError> {
 /// text: for certificates that must name them.
 pub fn node_hosts_from_config(text: &str) -> Result<Vec<(u64, Vec<String>)>, ClientError> {
     let v = parse(text)?;
-    if let Some(nodes) = v.get("nodes").and_then(|n| n.as_array()) {
+    if let Some(nodes) = node_list(&v) {
         let mut out = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
-            let id = n
-                .get("id")
-                .and_then(|i| i.as_u64())
-                .ok_or_else(|| missing(format!("nodes[{i}].id")))?;
+            let id = node_key(n, i, "id", Value::as_u64)?;
             let mut hosts = Vec::new();
             for key in ["addr", "peer_addr"] {
-                let addr = n
-                    .get(key)
-                    .and_then(|a| a.as_str())
-                    .ok_or_else(|| missing(format!("nodes[{i}].{key}")))?;
-                hosts.push(host_of(addr)?);
+                hosts.push(host_of(node_key(n, i, key, Value::as_str)?)?);
             }
             hosts.dedup();
             out.push((id, hosts));
         }
         return Ok(out);
     }
-    let servers = v.get("servers").and_then(|s| s.as_u64()).unwrap_or(3);
-    let host = v
-        .get("host")
-        .and_then(|s| s.as_str())
-        .unwrap_or("127.0.0.1");
+    let (servers, host) = shorthand(&v);
     Ok((1..=servers).map(|k| (k, vec![host.to_string()])).collect())
 }
 

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use clap::Args;
 use sequencer_client::pb::delivery::Kind;
-use sequencer_client::pb::Delivery;
+use sequencer_client::pb::{Delivery, Member};
 use sequencer_client::{Client, ClientError, Identity};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
+
+use crate::print_result;
 
 /// Who is calling: from flags, or the environment `register` suggests.
 #[derive(Args, Debug)]
@@ -58,24 +60,17 @@ pub async fn join(
     json_out: bool,
 ) -> anyhow::Result<()> {
     let r = client.join(me, group).await?;
-    if json_out {
-        let members: Vec<_> = r
-            .members
-            .iter()
-            .map(|m| json!({"client_id": m.client_id, "name": m.name, "joined_at_seq": m.joined_at_seq}))
-            .collect();
-        println!(
-            "{}",
-            json!({"next_seq": r.next_seq, "next_sender_seq": r.next_sender_seq, "members": members})
-        );
-    } else {
-        let names: Vec<&str> = r.members.iter().map(|m| m.name.as_str()).collect();
-        println!(
+    let members: Vec<_> = r.members.iter().map(member_json).collect();
+    let names: Vec<&str> = r.members.iter().map(|m| m.name.as_str()).collect();
+    print_result(
+        json_out,
+        json!({"next_seq": r.next_seq, "next_sender_seq": r.next_sender_seq, "members": members}),
+        format!(
             "joined {group}: next_seq {}, members {}",
             r.next_seq,
             names.join(", ")
-        );
-    }
+        ),
+    );
     Ok(())
 }
 
@@ -95,49 +90,45 @@ pub async fn send(
     let r = client
         .send(me, group, seq, text.as_bytes().to_vec())
         .await?;
-    if json_out {
-        println!(
-            "{}",
-            json!({"group_seq": r.group_seq, "sender_seq": seq, "duplicate": r.duplicate})
-        );
-    } else {
-        println!("{}", r.group_seq);
-    }
+    print_result(
+        json_out,
+        json!({"group_seq": r.group_seq, "sender_seq": seq, "duplicate": r.duplicate}),
+        r.group_seq,
+    );
     Ok(())
 }
 
 pub async fn list_groups(client: &Client, json_out: bool) -> anyhow::Result<()> {
     for g in client.list_groups().await?.groups {
-        if json_out {
-            println!(
-                "{}",
-                json!({"name": g.name, "members": g.members, "next_seq": g.next_seq})
-            );
-        } else {
-            println!(
+        print_result(
+            json_out,
+            json!({"name": g.name, "members": g.members, "next_seq": g.next_seq}),
+            format!(
                 "{:<24} {:>5} members  next_seq {}",
                 g.name, g.members, g.next_seq
-            );
-        }
+            ),
+        );
     }
     Ok(())
 }
 
 pub async fn list_members(client: &Client, group: &str, json_out: bool) -> anyhow::Result<()> {
     for m in client.list_members(group).await?.members {
-        if json_out {
-            println!(
-                "{}",
-                json!({"client_id": m.client_id, "name": m.name, "joined_at_seq": m.joined_at_seq})
-            );
-        } else {
-            println!(
+        print_result(
+            json_out,
+            member_json(&m),
+            format!(
                 "{:<8} {:<24} joined at {}",
                 m.client_id, m.name, m.joined_at_seq
-            );
-        }
+            ),
+        );
     }
     Ok(())
+}
+
+/// A member as `join` and `members` print it under --json.
+fn member_json(m: &Member) -> serde_json::Value {
+    json!({"client_id": m.client_id, "name": m.name, "joined_at_seq": m.joined_at_seq})
 }
 
 /// One delivery as a chat line: `[seq] name: text`, or `[seq] * name joined`.

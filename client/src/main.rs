@@ -175,10 +175,15 @@ fn servers(cli: &Cli) -> anyhow::Result<Vec<String>> {
     if !cli.servers.is_empty() {
         return Ok(cli.servers.clone());
     }
+    Ok(addrs_from_config(&config_text(cli)?)?)
+}
+
+/// The config file's text, or `{}` where there is none.
+fn config_text(cli: &Cli) -> anyhow::Result<String> {
     match std::fs::read_to_string(&cli.config) {
-        Ok(text) => Ok(addrs_from_config(&text)?),
+        Ok(text) => Ok(text),
         // No config file: the defaults a fresh checkout's config.json also has.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(addrs_from_config("{}")?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("{}".into()),
         Err(e) => Err(e).with_context(|| format!("reading {}", cli.config.display())),
     }
 }
@@ -206,12 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Cmd::GenCerts { out } = &cli.command {
-        let text = match std::fs::read_to_string(&cli.config) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "{}".into(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", cli.config.display())),
-        };
-        let nodes = node_hosts_from_config(&text)?;
+        let nodes = node_hosts_from_config(&config_text(&cli)?)?;
         for file in certs::generate(out, &nodes)? {
             println!("{file}");
         }
@@ -258,41 +258,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 match count {
                     None => {
                         let r = client.get_id(sequence).await?;
-                        if cli.json {
-                            println!(
-                                "{}",
-                                json!({"id": r.id, "served_by": r.served_by, "primary": r.primary})
-                            );
-                        } else {
-                            println!("{}", r.id);
-                        }
+                        print_result(
+                            cli.json,
+                            json!({"id": r.id, "served_by": r.served_by, "primary": r.primary}),
+                            r.id,
+                        );
                     }
                     Some(n) => {
                         let r = client.get_ids(sequence, *n).await?;
                         let last = r.first + u64::from(r.count) - 1;
-                        if cli.json {
-                            println!(
-                                "{}",
-                                json!({"first": r.first, "last": last, "count": r.count,
-                                       "served_by": r.served_by, "primary": r.primary})
-                            );
-                        } else {
-                            println!("{}..{}", r.first, last);
-                        }
+                        print_result(
+                            cli.json,
+                            json!({"first": r.first, "last": last, "count": r.count,
+                                   "served_by": r.served_by, "primary": r.primary}),
+                            format!("{}..{}", r.first, last),
+                        );
                     }
                 }
             }
         }
         Cmd::CurrentId { sequence } => {
             let r = client.current_id(sequence).await?;
-            if cli.json {
-                println!(
-                    "{}",
-                    json!({"id": r.id, "served_by": r.served_by, "applied_index": r.applied_index})
-                );
-            } else {
-                println!("{}", r.id);
-            }
+            print_result(
+                cli.json,
+                json!({"id": r.id, "served_by": r.served_by, "applied_index": r.applied_index}),
+                r.id,
+            );
         }
         Cmd::Status => print_status(&client.status().await?, cli.json),
         Cmd::Servers | Cmd::GenCerts { .. } | Cmd::Bench { .. } => {
@@ -317,6 +308,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Chat { name, group } => groups::chat(client, name, group).await?,
     }
     Ok(())
+}
+
+/// Prints one result: as a line of JSON under --json, else as text for people.
+fn print_result(json_out: bool, json: serde_json::Value, text: impl std::fmt::Display) {
+    if json_out {
+        println!("{json}");
+    } else {
+        println!("{text}");
+    }
 }
 
 fn print_status(s: &pb::StatusResponse, json_out: bool) {

@@ -13,7 +13,7 @@ use sequencer_client::pb::{
     RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, UnregisterRequest,
     UnregisterResponse,
 };
-use sequencer_client::{Client, Identity};
+use sequencer_client::{Client, Identity, KeepAlive};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status};
 
@@ -64,53 +64,44 @@ impl Cluster for Fake {
     }
 }
 
-fn unused<T>() -> Result<Response<T>, Status> {
-    Err(Status::unimplemented("not in this test"))
+/// `impl $service for Fake` with the methods given, and with the RPCs listed as unused
+/// answering UNIMPLEMENTED: the trait wants every one, these tests call few.
+macro_rules! fake_service {
+    ($service:ident { $($own:tt)* } unused { $($rpc:ident($req:ident) -> $resp:ident;)* }) => {
+        #[tonic::async_trait]
+        impl $service for Fake {
+            $($own)*
+            $(
+                async fn $rpc(&self, _: Request<$req>) -> Result<Response<$resp>, Status> {
+                    Err(Status::unimplemented("not in this test"))
+                }
+            )*
+        }
+    };
 }
 
-#[tonic::async_trait]
-impl Tracker for Fake {
-    async fn register(
-        &self,
-        _: Request<RegisterRequest>,
-    ) -> Result<Response<RegisterResponse>, Status> {
-        unused()
-    }
-    async fn join(&self, _: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        unused()
-    }
-    async fn leave(&self, _: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
-        unused()
-    }
-    async fn unregister(
-        &self,
-        _: Request<UnregisterRequest>,
-    ) -> Result<Response<UnregisterResponse>, Status> {
-        unused()
-    }
-    async fn heartbeat(
-        &self,
-        req: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
-        self.heartbeats.fetch_add(1, Ordering::SeqCst);
-        if req.get_ref().client_id == 13 {
-            return Err(Status::unauthenticated("unknown client_id 13"));
+fake_service! {
+    Tracker {
+        async fn heartbeat(
+            &self,
+            req: Request<HeartbeatRequest>,
+        ) -> Result<Response<HeartbeatResponse>, Status> {
+            self.heartbeats.fetch_add(1, Ordering::SeqCst);
+            if req.get_ref().client_id == 13 {
+                return Err(Status::unauthenticated("unknown client_id 13"));
+            }
+            Ok(Response::new(HeartbeatResponse {
+                heartbeat_interval_ms: self.heartbeat_interval_ms,
+            }))
         }
-        Ok(Response::new(HeartbeatResponse {
-            heartbeat_interval_ms: self.heartbeat_interval_ms,
-        }))
     }
-    async fn list_groups(
-        &self,
-        _: Request<ListGroupsRequest>,
-    ) -> Result<Response<ListGroupsResponse>, Status> {
-        unused()
-    }
-    async fn list_members(
-        &self,
-        _: Request<ListMembersRequest>,
-    ) -> Result<Response<ListMembersResponse>, Status> {
-        unused()
+    unused {
+        register(RegisterRequest) -> RegisterResponse;
+        join(JoinRequest) -> JoinResponse;
+        leave(LeaveRequest) -> LeaveResponse;
+        unregister(UnregisterRequest) -> UnregisterResponse;
+        list_groups(ListGroupsRequest) -> ListGroupsResponse;
+        list_members(ListMembersRequest) -> ListMembersResponse;
     }
 }
 
@@ -119,6 +110,32 @@ fn identity(client_id: u64) -> Identity {
         client_id,
         token: "0".repeat(32),
     }
+}
+
+/// A client of `fake`, which serves on a port of its own from now on.
+async fn client_of(fake: &Fake) -> Client {
+    Client::new([fake.serve().await]).unwrap()
+}
+
+/// A fake that answers at once and asks for a heartbeat every `interval_ms`, and a keep-alive
+/// for `client_id` on a client of it.
+async fn keeping_alive(interval_ms: u32, client_id: u64) -> (Fake, KeepAlive) {
+    let fake = Fake::new(Duration::ZERO, interval_ms);
+    let alive = client_of(&fake).await.keep_alive(&identity(client_id));
+    (fake, alive)
+}
+
+/// Asserts that `fake` gets no heartbeat for `quiet` once a beat in flight at a stop or drop
+/// has had 100 ms to land.
+async fn assert_no_more_heartbeats(fake: &Fake, quiet: Duration, after: &str) {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = fake.heartbeats();
+    tokio::time::sleep(quiet).await;
+    assert_eq!(
+        fake.heartbeats(),
+        stopped,
+        "heartbeats went on after {after}"
+    );
 }
 
 /// Polls `cond` every 10 ms for up to 10 s.
@@ -132,9 +149,8 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn an_rpc_timeout_above_six_seconds_is_honoured() {
-    let addr = Fake::new(Duration::from_secs(7), 1000).serve().await;
-    let client = Client::new([addr])
-        .unwrap()
+    let client = client_of(&Fake::new(Duration::from_secs(7), 1000))
+        .await
         .with_rpc_timeout(Duration::from_secs(10))
         .unwrap();
     let status = client
@@ -146,26 +162,23 @@ async fn an_rpc_timeout_above_six_seconds_is_honoured() {
 
 #[tokio::test]
 async fn a_call_ends_at_its_deadline_even_in_the_middle_of_an_attempt() {
-    let addr = Fake::new(Duration::from_secs(7), 1000).serve().await;
     // The default RPC timeout (6 s) is far past the deadline.
-    let client = Client::new([addr])
-        .unwrap()
+    let client = client_of(&Fake::new(Duration::from_secs(7), 1000))
+        .await
         .with_deadline(Duration::from_secs(1));
     let started = Instant::now();
     let err = client.status().await.unwrap_err();
     let took = started.elapsed();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
     assert!(
-        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        (Duration::from_secs(1)..Duration::from_secs(3)).contains(&took),
         "a call with a 1 s deadline took {took:?}"
     );
 }
 
 #[tokio::test]
 async fn keep_alive_beats_at_the_servers_interval_until_it_is_dropped() {
-    let fake = Fake::new(Duration::ZERO, 100);
-    let client = Client::new([fake.serve().await]).unwrap();
-    let alive = client.keep_alive(&identity(1));
+    let (fake, alive) = keeping_alive(100, 1).await;
     eventually("a first heartbeat", || fake.heartbeats() >= 1).await;
     // Told 100 ms, it beats at least once per interval: ten in a second at the very least,
     // where the client's own default (1 s) would give one or two.
@@ -176,36 +189,20 @@ async fn keep_alive_beats_at_the_servers_interval_until_it_is_dropped() {
     assert!(alive.is_running());
 
     drop(alive);
-    // A beat in flight at the drop may still land; after that, none.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let after_drop = fake.heartbeats();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        fake.heartbeats(),
-        after_drop,
-        "heartbeats went on after the guard was dropped"
-    );
+    assert_no_more_heartbeats(&fake, Duration::from_millis(500), "the guard was dropped").await;
 }
 
 #[tokio::test]
 async fn keep_alive_stops_by_itself_once_the_server_does_not_know_the_client() {
-    let fake = Fake::new(Duration::ZERO, 20);
-    let client = Client::new([fake.serve().await]).unwrap();
-    let alive = client.keep_alive(&identity(13));
+    let (fake, alive) = keeping_alive(20, 13).await;
     eventually("the keep-alive to stop", || !alive.is_running()).await;
     assert_eq!(fake.heartbeats(), 1, "a refused heartbeat was repeated");
 }
 
 #[tokio::test]
 async fn a_stopped_keep_alive_sends_nothing_more() {
-    let fake = Fake::new(Duration::ZERO, 20);
-    let client = Client::new([fake.serve().await]).unwrap();
-    let alive = client.keep_alive(&identity(1));
+    let (fake, alive) = keeping_alive(20, 1).await;
     eventually("a first heartbeat", || fake.heartbeats() >= 1).await;
     alive.stop().await;
-    // As after a drop: one in flight may land, then none.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let stopped = fake.heartbeats();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(fake.heartbeats(), stopped, "heartbeats went on after stop");
+    assert_no_more_heartbeats(&fake, Duration::from_millis(300), "stop").await;
 }

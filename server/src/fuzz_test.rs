@@ -130,14 +130,8 @@ fn seed_commands() -> Vec<Command> {
     vec![
         Command::Allocate {
             requests: vec![
-                AllocRequest {
-                    sequence: "default".into(),
-                    count: 3,
-                },
-                AllocRequest {
-                    sequence: "orders".into(),
-                    count: 1000,
-                },
+                AllocRequest::new("default", 3),
+                AllocRequest::new("orders", 1000),
             ],
             max_sequences: 10,
         },
@@ -243,22 +237,16 @@ fn any_command() -> impl Strategy<Value = Command> {
                 limits,
             }
         });
-    let join = (0..4u64, any_token_hash(), any_name(), any_limits()).prop_map(
-        |(client_id, token_hash, group, limits)| Command::Join {
-            client_id,
-            token_hash,
-            group,
-            limits,
-        },
-    );
-    let leave = (0..4u64, any_token_hash(), any_name(), any_limits()).prop_map(
-        |(client_id, token_hash, group, limits)| Command::Leave {
-            client_id,
-            token_hash,
-            group,
-            limits,
-        },
-    );
+    let group_change = (
+        any::<bool>(),
+        0..4u64,
+        any_token_hash(),
+        any_name(),
+        any_limits(),
+    )
+        .prop_map(|(join, id, token_hash, group, limits)| {
+            Command::group_change(join, id, token_hash, group, limits)
+        });
     let unregister =
         (0..4u64, any_token_hash(), any_limits()).prop_map(|(client_id, token_hash, limits)| {
             Command::Unregister {
@@ -302,7 +290,14 @@ fn any_command() -> impl Strategy<Value = Command> {
             limits,
         },
     );
-    prop_oneof![alloc, register, join, leave, unregister, send, fail]
+    prop_oneof![
+        1 => alloc,
+        1 => register,
+        2 => group_change,
+        1 => unregister,
+        1 => send,
+        1 => fail
+    ]
 }
 
 fn log_id(term: u64, index: u64) -> LogId<NodeId> {

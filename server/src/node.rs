@@ -185,14 +185,14 @@ pub async fn run(
             .max_decoding_message_size(small),
         )
         .add_service(
-            TrackerServer::new(TrackerApi::new(
-                proposer.clone(),
-                reader.clone(),
-                liveness.clone(),
-                config.groups.limits,
-                config.groups.client_heartbeat,
-                config.groups.failure_timeout,
-            ))
+            TrackerServer::new(TrackerApi {
+                proposer: proposer.clone(),
+                reader: reader.clone(),
+                liveness: liveness.clone(),
+                limits: config.groups.limits,
+                heartbeat_interval: config.groups.client_heartbeat,
+                failure_timeout: config.groups.failure_timeout,
+            })
             .max_decoding_message_size(small),
         )
         .add_service(
@@ -229,15 +229,15 @@ pub async fn run(
         );
     let peer_server = server_builder(&config, tls.as_ref().map(|t| t.peer_listener()))?
         .add_service(InterceptedService::new(
-            PeerServer::new(PeerService::new(
+            PeerServer::new(PeerService {
                 id,
-                raft.clone(),
+                raft: raft.clone(),
                 proposer,
                 liveness,
                 election,
-                bootstrap::members(&config),
-                stop_peers.clone(),
-            ))
+                members: bootstrap::members(&config),
+                stopping: stop_peers.clone(),
+            })
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT),
             RequireSecret::new(config.cluster_secret.clone()),

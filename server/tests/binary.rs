@@ -1,11 +1,9 @@
 //! The `server` binary as a user meets it: config errors, a busy port, the one-command
 //! launcher, and the standard tooling (reflection, health) on the client listener.
 
-use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sequencer_client::Client;
@@ -13,11 +11,14 @@ use sequencer_proto::peer::peer_client::PeerClient;
 use sequencer_proto::peer::PingRequest;
 use serde_json::json;
 use testkit::{free_ports, Cluster};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+mod common;
+use common::{channel, spawn_reading_output};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
@@ -33,6 +34,15 @@ fn run_server(args: &[&str], dir: &Path) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs `server` with `args`, which must fail (else the test fails saying it `started`) with
+/// one line on stderr; returns that line.
+fn refused_in_one_line(args: &[&str], dir: &Path, started: &str) -> String {
+    let (ok, stderr) = run_server(args, dir);
+    assert!(!ok, "{started}");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    stderr
 }
 
 #[test]
@@ -122,9 +132,11 @@ fn a_node_started_alone_in_a_multi_node_cluster_needs_the_cluster_secret() {
     let dir = tempfile::tempdir().unwrap();
     let config = testkit::nodes_config(dir.path(), 3).unwrap();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "2"], dir.path());
-    assert!(!ok, "node 2 started with no cluster secret");
-    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    let stderr = refused_in_one_line(
+        &["--config", "config.json", "--node", "2"],
+        dir.path(),
+        "node 2 started with no cluster secret",
+    );
     assert!(
         stderr.contains("cluster_secret") && stderr.contains("SEQUENCER_CLUSTER_SECRET"),
         "`{stderr}` does not say how to set the secret"
@@ -140,9 +152,8 @@ fn a_missing_certificate_file_is_named_in_one_line() {
     config["tls_cert"] = json!("certs/node-{id}.pem");
     config["tls_key"] = json!("certs/node-{id}-key.pem");
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "1"], dir.path());
-    assert!(!ok, "started without its certificate");
-    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    let node_1 = ["--config", "config.json", "--node", "1"];
+    let stderr = refused_in_one_line(&node_1, dir.path(), "started without its certificate");
     assert!(
         stderr.contains("tls_cert") && stderr.contains("certs/node-1.pem"),
         "`{stderr}` does not name the key and the file"
@@ -153,9 +164,7 @@ fn a_missing_certificate_file_is_named_in_one_line() {
     std::fs::create_dir_all(dir.path().join("certs")).unwrap();
     std::fs::write(dir.path().join("certs/node-1.pem"), "not a certificate").unwrap();
     std::fs::write(dir.path().join("certs/node-1-key.pem"), "not a key").unwrap();
-    let (ok, stderr) = run_server(&["--config", "config.json", "--node", "1"], dir.path());
-    assert!(!ok, "started with a garbage certificate");
-    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    let stderr = refused_in_one_line(&node_1, dir.path(), "started with a garbage certificate");
     assert!(stderr.contains("tls_cert"), "{stderr}");
     assert!(!dir.path().join("data").join("node-1").exists());
 }
@@ -173,34 +182,17 @@ fn a_port_in_use_makes_the_node_exit_naming_the_address() {
     assert!(stderr.contains(&addr), "`{stderr}` does not name {addr}");
 }
 
-/// Reads lines of `stream` into a channel on a thread, so the child never blocks on a full pipe.
-fn line_channel(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_command_starts_every_node_prints_the_table_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let config = testkit::nodes_config(dir.path(), 3).unwrap();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let mut launcher = Command::new(SERVER)
-        .args(["--config", "config.json"])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = line_channel(launcher.stdout.take().unwrap());
-    let stderr = line_channel(launcher.stderr.take().unwrap());
+    let (mut launcher, stdout, stderr) = spawn_reading_output(
+        Command::new(SERVER)
+            .args(["--config", "config.json"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null()),
+    );
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut table = Vec::new();
@@ -290,12 +282,21 @@ fn the_launcher_exits_non_zero_when_a_node_dies_at_start() {
     assert!(stderr.contains("node 2 exited"), "{stderr}");
 }
 
-async fn channel(addr: &str) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
+/// Sends `req` to the reflection service and returns its first answer.
+async fn ask(
+    reflection: &mut ServerReflectionClient<Channel>,
+    req: MessageRequest,
+) -> Option<MessageResponse> {
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(req),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
         .await
         .unwrap()
+        .into_inner();
+    answers.message().await.unwrap().unwrap().message_response
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,19 +305,8 @@ async fn reflection_lists_the_public_services_and_never_the_peer_service() {
     cluster.wait_for_primary().await.unwrap();
     let node = cluster.node(1);
     let mut reflection = ServerReflectionClient::new(channel(&node.addr).await);
-    let ask = |req: MessageRequest| {
-        tokio_stream::iter([ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(req),
-        }])
-    };
-    let mut answers = reflection
-        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
-        .await
-        .unwrap()
-        .into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) =
-        answers.message().await.unwrap().unwrap().message_response
+        ask(&mut reflection, MessageRequest::ListServices(String::new())).await
     else {
         panic!("no service list");
     };
@@ -339,15 +329,8 @@ async fn reflection_lists_the_public_services_and_never_the_peer_service() {
     );
 
     // grpcurl `describe` needs the file that defines a symbol.
-    let mut answers = reflection
-        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
-            "sequencer.v1.Sequencer".into(),
-        )))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::FileDescriptorResponse(files)) =
-        answers.message().await.unwrap().unwrap().message_response
+    let symbol = MessageRequest::FileContainingSymbol("sequencer.v1.Sequencer".into());
+    let Some(MessageResponse::FileDescriptorResponse(files)) = ask(&mut reflection, symbol).await
     else {
         panic!("no descriptor for sequencer.v1.Sequencer");
     };
@@ -410,6 +393,21 @@ async fn stopped_node_with_a_store() -> (Cluster, std::path::PathBuf) {
     (cluster, store)
 }
 
+/// Starts the node of `stopped_node_with_a_store` again: it must refuse (else the test fails
+/// saying it `started`) in one line that calls its store `state` and names the file.
+fn the_node_refuses_its_store(cluster: &Cluster, store: &Path, started: &str, state: &str) {
+    let stderr = refused_in_one_line(
+        &["--config", "config-1.json", "--node", "1"],
+        cluster.dir(),
+        started,
+    );
+    assert!(
+        stderr.contains(state) && stderr.contains(&store.display().to_string()),
+        "`{stderr}` does not name the {state} file {}",
+        store.display()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_store_stops_the_node_at_start_with_one_line() {
     let (cluster, store) = stopped_node_with_a_store().await;
@@ -421,13 +419,8 @@ async fn a_truncated_store_stops_the_node_at_start_with_one_line() {
     file.set_len(len / 2).unwrap();
     drop(file);
 
-    let (ok, stderr) = run_server(&["--config", "config-1.json", "--node", "1"], cluster.dir());
-    assert!(!ok, "the node served from a truncated store");
-    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
-    assert!(
-        stderr.contains("corrupt") && stderr.contains(&store.display().to_string()),
-        "`{stderr}` does not name the damaged file"
-    );
+    let started = "the node served from a truncated store";
+    the_node_refuses_its_store(&cluster, &store, started, "corrupt");
     // Refused, not reset: the file is left as it was found, for whoever investigates.
     assert_eq!(std::fs::metadata(&store).unwrap().len(), len / 2);
 }
@@ -436,12 +429,7 @@ async fn a_truncated_store_stops_the_node_at_start_with_one_line() {
 async fn a_lost_store_stops_the_node_at_start_rather_than_making_a_new_one() {
     let (cluster, store) = stopped_node_with_a_store().await;
     std::fs::remove_file(&store).unwrap();
-    let (ok, stderr) = run_server(&["--config", "config-1.json", "--node", "1"], cluster.dir());
-    assert!(!ok, "the node started without its store");
-    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
-    assert!(
-        stderr.contains("missing") && stderr.contains(&store.display().to_string()),
-        "`{stderr}` does not name the lost file"
-    );
+    let started = "the node started without its store";
+    the_node_refuses_its_store(&cluster, &store, started, "missing");
     assert!(!store.exists(), "a new, empty store was made");
 }

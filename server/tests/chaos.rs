@@ -144,9 +144,6 @@ impl Fault {
     /// Injects the fault once, marking the instant in the workload, and waits until the cluster
     /// agrees on a primary again.
     async fn inject(self, c: &mut Cluster, w: &mut Workload) {
-        let others = |c: &Cluster, p: u64| -> Vec<u64> {
-            c.ids().into_iter().filter(|&id| id != p).collect()
-        };
         match self {
             Fault::KillPrimary => {
                 let p = c.wait_for_primary().await.unwrap();
@@ -156,13 +153,8 @@ impl Fault {
                 c.start_node(p).unwrap();
             }
             Fault::KillFollower => {
-                let p = c.wait_for_primary().await.unwrap();
-                let f = others(c, p)[0];
-                w.fault();
-                c.kill(f);
-                run_for(Duration::from_millis(500)).await;
-                c.start_node(f).unwrap();
-                c.wait_for_primary().await.unwrap();
+                let restart = |c: &mut Cluster, f| c.start_node(f).unwrap();
+                follower_away(c, w, Cluster::kill, Duration::from_millis(500), restart).await;
             }
             Fault::KillAll => {
                 w.fault();
@@ -187,16 +179,36 @@ impl Fault {
                 c.wait_for_primary().await.unwrap();
             }
             Fault::PartitionFollower => {
-                let p = c.wait_for_primary().await.unwrap();
-                let f = others(c, p)[0];
-                w.fault();
-                c.isolate(f);
-                run_for(Duration::from_millis(1000)).await;
-                c.heal();
-                c.wait_for_primary().await.unwrap();
+                let isolate = |c: &mut Cluster, f| c.isolate(f);
+                let heal = |c: &mut Cluster, _| c.heal();
+                follower_away(c, w, isolate, Duration::from_millis(1000), heal).await;
             }
         }
     }
+}
+
+/// Every node but `p`.
+fn others(c: &Cluster, p: u64) -> Vec<u64> {
+    c.ids().into_iter().filter(|&id| id != p).collect()
+}
+
+/// Takes a follower out with `out`, marking the instant in the workload, lets the load run
+/// `away` without it, brings it back with `back`, and waits until the cluster agrees on a
+/// primary again.
+async fn follower_away(
+    c: &mut Cluster,
+    w: &mut Workload,
+    out: impl FnOnce(&mut Cluster, u64),
+    away: Duration,
+    back: impl FnOnce(&mut Cluster, u64),
+) {
+    let p = c.wait_for_primary().await.unwrap();
+    let f = others(c, p)[0];
+    w.fault();
+    out(c, f);
+    run_for(away).await;
+    back(c, f);
+    c.wait_for_primary().await.unwrap();
 }
 
 /// `kill -9` every node, starts them all again, and waits for a primary: a power loss.
@@ -219,14 +231,22 @@ async fn scenario(fault: Fault) -> (Cluster, History) {
     r.finish(fault.name()).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_primary() {
-    scenario(Fault::KillPrimary).await;
+/// One test per fault whose scenario's own checks are all it asserts.
+macro_rules! scenario_tests {
+    ($($name:ident: $fault:expr,)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            scenario($fault).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_follower() {
-    scenario(Fault::KillFollower).await;
+scenario_tests! {
+    kill_primary: Fault::KillPrimary,
+    kill_follower: Fault::KillFollower,
+    pause_primary: Fault::PausePrimary,
+    partition_primary: Fault::PartitionPrimary,
+    partition_follower: Fault::PartitionFollower,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -240,21 +260,6 @@ async fn kill_all() {
         next > acked,
         "after a restart of every node, id {next} is not above {acked}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn pause_primary() {
-    scenario(Fault::PausePrimary).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn partition_primary() {
-    scenario(Fault::PartitionPrimary).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn partition_follower() {
-    scenario(Fault::PartitionFollower).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

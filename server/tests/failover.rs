@@ -11,6 +11,9 @@ use testkit::Cluster;
 use testkit::{health, ServingStatus};
 use tonic::Code;
 
+mod common;
+use common::primary_and_follower;
+
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
 /// Clients that each start at a different node and move on when it is down.
@@ -22,97 +25,108 @@ fn rotating_clients(cluster: &Cluster, n: usize) -> Vec<Arc<Client>> {
 }
 
 /// What the load saw: successful operations, and every error a caller got back.
+#[derive(Default)]
 struct Load {
     ops: Vec<Op>,
     errors: Vec<String>,
 }
 
-/// Runs GetId in a loop on every client until `stop`.
-fn spawn_load(
-    clients: Vec<Arc<Client>>,
+impl Load {
+    /// Fails the test if any caller got an error back `during` the fault.
+    fn assert_no_errors(&self, during: &str) {
+        assert_eq!(
+            self.errors,
+            Vec::<String>::new(),
+            "callers saw errors {during}"
+        );
+    }
+}
+
+/// GetId in a loop on 6 clients that each start at a different node, until stopped.
+struct Running {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<Load>> {
-    clients
-        .into_iter()
-        .map(|c| {
-            let (stop, done) = (stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut load = Load {
-                    ops: Vec::new(),
-                    errors: Vec::new(),
-                };
-                while !stop.load(Ordering::Relaxed) {
-                    let invoke = Instant::now();
-                    match c.get_id("").await {
-                        Ok(r) => {
-                            load.ops.push(Op {
-                                invoke,
-                                complete: Instant::now(),
-                                first: r.id,
-                                count: 1,
-                            });
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => load.errors.push(e.to_string()),
-                    }
-                }
-                load
-            })
-        })
-        .collect()
+    tasks: Vec<tokio::task::JoinHandle<Load>>,
 }
 
-/// Stops the load and gathers it.
-async fn finish(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Load>>) -> Load {
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Load {
-        ops: Vec::new(),
-        errors: Vec::new(),
-    };
-    for t in tasks {
-        let load = t.await.unwrap();
-        all.ops.extend(load.ops);
-        all.errors.extend(load.errors);
+impl Running {
+    /// Starts the load and waits until 200 calls have succeeded.
+    async fn start(cluster: &Cluster) -> Running {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let tasks = rotating_clients(cluster, 6)
+            .into_iter()
+            .map(|c| tokio::spawn(get_ids(c, stop.clone(), done.clone())))
+            .collect();
+        let running = Running { stop, done, tasks };
+        running.wait_for_count(200).await;
+        running
     }
-    all
+
+    /// Waits until `at_least` calls have succeeded in all.
+    async fn wait_for_count(&self, at_least: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.done.load(Ordering::Relaxed) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "workload stalled at {} ops",
+                self.done.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until `n` more calls have succeeded, then stops the load and gathers it.
+    async fn finish_after(self, n: usize) -> Load {
+        let before = self.done.load(Ordering::Relaxed);
+        self.wait_for_count(before + n).await;
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Load::default();
+        for t in self.tasks {
+            let load = t.await.unwrap();
+            all.ops.extend(load.ops);
+            all.errors.extend(load.errors);
+        }
+        all
+    }
 }
 
-async fn wait_for_count(done: &AtomicUsize, at_least: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while done.load(Ordering::Relaxed) < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "workload stalled at {} ops",
-            done.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Runs GetId in a loop on `c` until `stop`, counting each success in `done`.
+async fn get_ids(c: Arc<Client>, stop: Arc<AtomicBool>, done: Arc<AtomicUsize>) -> Load {
+    let mut load = Load::default();
+    while !stop.load(Ordering::Relaxed) {
+        let invoke = Instant::now();
+        match c.get_id("").await {
+            Ok(r) => {
+                load.ops.push(Op {
+                    invoke,
+                    complete: Instant::now(),
+                    first: r.id,
+                    count: 1,
+                });
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => load.errors.push(e.to_string()),
+        }
     }
+    load
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_primary_elects_a_new_one_and_no_id_repeats() {
     let mut cluster = Cluster::builder(SERVER).start().unwrap();
     let old = cluster.wait_for_primary().await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let tasks = spawn_load(rotating_clients(&cluster, 6), stop.clone(), done.clone());
+    let load = Running::start(&cluster).await;
 
-    wait_for_count(&done, 200).await;
     cluster.kill(old);
     let killed_at = Instant::now();
     let new = cluster.wait_for_primary().await.unwrap();
     assert_ne!(new, old);
-    let before = done.load(Ordering::Relaxed);
-    wait_for_count(&done, before + 200).await;
-    let Load { ops, errors } = finish(&stop, tasks).await;
+    let load = load.finish_after(200).await;
 
     // One failover is well within a client's retry deadline: no caller may see an error.
-    assert_eq!(
-        errors,
-        Vec::<String>::new(),
-        "callers saw errors across the failover"
-    );
+    load.assert_no_errors("across the failover");
+    let ops = load.ops;
     assert!(
         ops.iter().any(|o| o.invoke > killed_at),
         "no id was served after the crash"
@@ -138,9 +152,8 @@ async fn killing_the_primary_elects_a_new_one_and_no_id_repeats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_discovers_the_primary_and_follows_it_after_a_failover() {
     let mut cluster = Cluster::builder(SERVER).start().unwrap();
-    let primary = cluster.wait_for_primary().await.unwrap();
     // Start the client at a follower: discovery must move it to the primary.
-    let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let (primary, follower) = primary_and_follower(&mut cluster).await;
     let client = cluster.client_from(follower);
     assert_eq!(
         client.discover_primary().await.unwrap(),
@@ -164,26 +177,16 @@ async fn the_client_discovers_the_primary_and_follows_it_after_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_follower_stopped_with_sigterm_under_load_leaves_quietly() {
     let mut cluster = Cluster::builder(SERVER).start().unwrap();
-    let primary = cluster.wait_for_primary().await.unwrap();
-    let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let (primary, follower) = primary_and_follower(&mut cluster).await;
     let term = cluster.client_for(primary).status().await.unwrap().term;
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
     // Load through the follower too, so it has forwarded requests in flight when it stops.
-    let tasks = spawn_load(rotating_clients(&cluster, 6), stop.clone(), done.clone());
-    wait_for_count(&done, 200).await;
+    let load = Running::start(&cluster).await;
 
     let status = cluster.signal_and_wait(follower, libc::SIGTERM).unwrap();
     assert!(status.success(), "node exited with {status}");
-    let before = done.load(Ordering::Relaxed);
-    wait_for_count(&done, before + 100).await;
-    let Load { ops, errors } = finish(&stop, tasks).await;
-    assert_eq!(
-        errors,
-        Vec::<String>::new(),
-        "callers saw errors while a follower stopped"
-    );
-    assert_eq!(overlaps(&ops), vec![]);
+    let load = load.finish_after(100).await;
+    load.assert_no_errors("while a follower stopped");
+    assert_eq!(overlaps(&load.ops), vec![]);
 
     // It stopped Raft before its peer listener, so it never started an election on its way
     // out: back again, it rejoins the same primary in the same term.
@@ -236,8 +239,7 @@ async fn a_lagging_node_catches_up_from_a_snapshot_after_the_log_is_purged() {
         .set("logs_to_keep", 5)
         .start()
         .unwrap();
-    let primary = cluster.wait_for_primary().await.unwrap();
-    let lagging = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let (primary, lagging) = primary_and_follower(&mut cluster).await;
     // Quiet: no node's log goes past what the primary has committed.
     let held = cluster
         .client_for(primary)
@@ -275,8 +277,7 @@ async fn without_a_quorum_requests_fail_with_unavailable_and_health_says_not_ser
         .set("request_timeout_ms", 1000)
         .start()
         .unwrap();
-    let primary = cluster.wait_for_primary().await.unwrap();
-    let survivor = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let (primary, survivor) = primary_and_follower(&mut cluster).await;
     assert_eq!(
         health(&cluster.node(survivor).addr).await,
         Some(ServingStatus::Serving)

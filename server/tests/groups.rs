@@ -13,6 +13,11 @@ use sequencer_client::{Client, Identity, KeepAlive};
 use testkit::{assert_code, member, Cluster};
 use tonic::Code;
 
+mod common;
+use common::{
+    primary_and_follower, subscribe_once_a_place_frees, two_streams_then_refused, NAME_PATTERN,
+};
+
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
 async fn started(builder: testkit::Builder) -> Cluster {
@@ -346,16 +351,9 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     )
     .await;
     let c = cluster.client();
-    assert_code(
-        c.register("").await,
-        Code::InvalidArgument,
-        "[A-Za-z0-9._-]{1,64}",
-    );
-    assert_code(
-        c.register(&"n".repeat(65)).await,
-        Code::InvalidArgument,
-        "[A-Za-z0-9._-]{1,64}",
-    );
+    for name in ["", &"n".repeat(65)] {
+        assert_code(c.register(name).await, Code::InvalidArgument, NAME_PATTERN);
+    }
     let (a, _, _alive_a) = member(&c, "a", "g").await;
     let b = Identity::from(&c.register("b").await.unwrap());
     let _alive_b = keep_alive(&c, &b);
@@ -504,8 +502,7 @@ async fn retained_messages_travel_in_snapshots_to_a_lagging_node() {
             .set("retain_messages", 100),
     )
     .await;
-    let primary = cluster.wait_for_primary().await.unwrap();
-    let lagging = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let (primary, lagging) = primary_and_follower(&mut cluster).await;
     let c = cluster.client_for(primary);
     let (me, next, _alive) = member(&c, "writer", "g").await;
     // Quiet: no node's log goes past what the primary has committed.
@@ -538,8 +535,7 @@ async fn a_paused_primary_coming_back_removes_nobody() {
     // the frozen node (one interval per attempt): 400 ms intervals leave room on a busy machine.
     let mut cluster =
         started(Cluster::builder(SERVER).set("client_heartbeat_interval_ms", 400)).await;
-    let primary = cluster.wait_for_primary().await.unwrap();
-    let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let (primary, follower) = primary_and_follower(&mut cluster).await;
     // The client starts at a follower, so its heartbeats travel the forwarding path.
     let c = cluster.client_from(follower);
     let (me, _, _alive) = member(&c, "steady", "g").await;
@@ -607,27 +603,12 @@ async fn a_node_serves_at_most_max_subscribers_and_frees_a_place_when_one_leaves
     let cluster = started(Cluster::builder(SERVER).set("max_subscribers", 2)).await;
     let on_1 = cluster.client_for(1);
     let (me, next, _alive) = member(&on_1, "watcher", "g").await;
-    let first = on_1.subscribe(&me, "g", next).await.unwrap();
-    let _second = on_1.subscribe(&me, "g", next).await.unwrap();
-    assert_code(
-        on_1.subscribe(&me, "g", next).await.map(|_| ()),
-        Code::ResourceExhausted,
-        "max_subscribers",
-    );
+    let [first, _second] = two_streams_then_refused(&on_1, &me, "g", next, "max_subscribers").await;
     // The cap is per node: another server still takes subscribers.
     let on_2 = cluster.client_for(2);
     let _elsewhere = on_2.subscribe(&me, "g", next).await.unwrap();
 
     // A subscriber that goes away gives its place back.
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match on_1.subscribe(&me, "g", next).await {
-            Ok(_) => break,
-            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("no place freed after a subscriber left: {e}"),
-        }
-    }
+    subscribe_once_a_place_frees(&on_1, &me, "g", next, "after a subscriber left").await;
 }

@@ -9,6 +9,9 @@ use testkit::history::{gaps, linearizability_violations, overlaps, Op};
 use testkit::{assert_code, Cluster};
 use tonic::Code;
 
+mod common;
+use common::{primary_and_follower, NAME_PATTERN};
+
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
 async fn started(builder: testkit::Builder) -> Cluster {
@@ -133,8 +136,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .set("max_sequences", 2)
         .start()
         .unwrap();
-    let primary = cluster.wait_for_primary().await.unwrap();
-    let follower = cluster.ids().into_iter().find(|&id| id != primary).unwrap();
+    let (primary, follower) = primary_and_follower(&mut cluster).await;
     // Ask the primary and a follower alone, so no retry elsewhere hides an error.
     for id in [primary, follower] {
         let c = cluster.client_for(id);
@@ -144,25 +146,13 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             Code::InvalidArgument,
             "100 (max_batch)",
         );
-        assert_code(
-            c.get_id("bad name").await,
-            Code::InvalidArgument,
-            "[A-Za-z0-9._-]{1,64}",
-        );
-        assert_code(
-            c.get_id(&"x".repeat(65)).await,
-            Code::InvalidArgument,
-            "[A-Za-z0-9._-]{1,64}",
-        );
-        assert_code(
-            c.get_id("é").await,
-            Code::InvalidArgument,
-            "[A-Za-z0-9._-]{1,64}",
-        );
+        for name in ["bad name", &"x".repeat(65), "é"] {
+            assert_code(c.get_id(name).await, Code::InvalidArgument, NAME_PATTERN);
+        }
         assert_code(
             c.current_id("no/slash").await,
             Code::InvalidArgument,
-            "[A-Za-z0-9._-]{1,64}",
+            NAME_PATTERN,
         );
     }
     let c = cluster.client();

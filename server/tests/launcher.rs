@@ -5,7 +5,7 @@
 //! Processes are killed only by the pids these tests started, or that a launcher they started
 //! started (read from /proc or a node's LOCK file), and all of them when a guard drops.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use sequencer_client::Client;
 use sequencer_server::config::CLUSTER_SECRET_ENV;
 use testkit::{health, ServingStatus};
+
+mod common;
+use common::{line_channel, spawn_reading_output};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 /// How long a cluster may take to be ready, or processes to go.
@@ -44,19 +47,6 @@ fn server(dir: &Path, args: &[&str]) -> Command {
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
     cmd
-}
-
-/// Reads lines of `stream` into a channel on a thread, so the child never blocks on a full pipe.
-fn line_channel(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// State and parent of a process, from /proc; `None` once it is gone.
@@ -178,13 +168,8 @@ struct Launcher {
 
 impl Launcher {
     fn start(dir: &Path) -> Launcher {
-        let mut child = server(dir, &["--config", "config.json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = line_channel(child.stdout.take().unwrap());
-        let stderr = line_channel(child.stderr.take().unwrap());
+        let (child, stdout, stderr) =
+            spawn_reading_output(&mut server(dir, &["--config", "config.json"]));
         Launcher {
             guard: Guard {
                 child,
@@ -194,6 +179,13 @@ impl Launcher {
             stderr,
             seen: Vec::new(),
         }
+    }
+
+    /// A launcher that has said `cluster ready`.
+    fn ready(dir: &Path) -> Launcher {
+        let mut launcher = Launcher::start(dir);
+        launcher.wait_ready();
+        launcher
     }
 
     fn pid(&self) -> u32 {
@@ -241,6 +233,14 @@ impl Launcher {
     }
 }
 
+/// A fresh dir with a 3-node config, and a launcher on it that has said `cluster ready`.
+fn three_nodes_ready() -> (tempfile::TempDir, serde_json::Value, Launcher) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), 3);
+    let launcher = Launcher::ready(dir.path());
+    (dir, config, launcher)
+}
+
 /// GetId through `addr` only, retried until it works or the deadline passes.
 async fn get_id_through(addr: &str) -> u64 {
     let client = Client::new([addr]).unwrap();
@@ -256,11 +256,8 @@ async fn get_id_through(addr: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_launcher_with_sigkill_stops_every_node_and_frees_their_dirs() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 3);
+    let (dir, config, mut first) = three_nodes_ready();
     let data = dir.path().join("data");
-    let mut first = Launcher::start(dir.path());
-    first.wait_ready();
     let nodes: Vec<u32> = (1..=3).map(|id| first.guard.node_pid(&data, id)).collect();
 
     signal(first.pid(), libc::SIGKILL);
@@ -269,18 +266,14 @@ async fn killing_the_launcher_with_sigkill_stops_every_node_and_frees_their_dirs
     assert!(gone, "nodes {left:?} outlived their launcher");
 
     // Their ports and data dir locks are free: a new launcher starts on the same dir.
-    let mut second = Launcher::start(dir.path());
-    second.wait_ready();
+    let _second = Launcher::ready(dir.path());
     get_id_through(&addr(&config, 1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_launcher_restarts_a_node_killed_after_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 3);
+    let (dir, config, mut launcher) = three_nodes_ready();
     let data = dir.path().join("data");
-    let mut launcher = Launcher::start(dir.path());
-    launcher.wait_ready();
     let old = launcher.guard.node_pid(&data, 2);
 
     signal(old, libc::SIGKILL);
@@ -300,11 +293,8 @@ async fn the_launcher_restarts_a_node_killed_after_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_launcher_does_not_restart_a_node_that_exits_with_a_bad_config() {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), 3);
+    let (dir, _, mut launcher) = three_nodes_ready();
     let data = dir.path().join("data");
-    let mut launcher = Launcher::start(dir.path());
-    launcher.wait_ready();
     let old = launcher.guard.node_pid(&data, 2);
     // The config turns bad under the running cluster; node 2 then dies.
     std::fs::write(dir.path().join("config.json"), r#"{"servers": "three"}"#).unwrap();
@@ -334,12 +324,8 @@ async fn the_launcher_does_not_restart_a_node_that_exits_with_a_bad_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_launcher_keeps_its_secret_for_its_next_start_and_for_nodes_started_by_hand() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 3);
+    let (dir, config, mut launcher) = three_nodes_ready();
     let file = dir.path().join("data").join("cluster.secret");
-
-    let mut launcher = Launcher::start(dir.path());
-    launcher.wait_ready();
     let secret = std::fs::read_to_string(&file).expect("the launcher wrote its secret");
     assert_eq!(secret.trim().len(), 64, "{secret:?}");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
@@ -352,8 +338,7 @@ async fn the_launcher_keeps_its_secret_for_its_next_start_and_for_nodes_started_
     assert!(launcher.guard.stop().success());
 
     // The next start uses the same secret, and its cluster serves.
-    let mut launcher = Launcher::start(dir.path());
-    launcher.wait_ready();
+    let mut launcher = Launcher::ready(dir.path());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), secret);
     get_id_through(&addr(&config, 1)).await;
     assert!(launcher.guard.stop().success());
@@ -406,10 +391,7 @@ fn refused_launcher(dir: &Path) -> (std::process::ExitStatus, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_launcher_on_the_same_data_dir_refuses_at_once_naming_the_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), 3);
-    let mut first = Launcher::start(dir.path());
-    first.wait_ready();
+    let (dir, config, first) = three_nodes_ready();
 
     let (status, lines) = refused_launcher(dir.path());
     assert!(!status.success(), "{lines:#?}");

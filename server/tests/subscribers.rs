@@ -10,10 +10,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use prost::Message;
 use sequencer_client::pb::{Delivery, SubscribeRequest};
 use sequencer_client::Identity;
-use testkit::{assert_code, member, Cluster};
+use testkit::{member, Cluster};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tonic::Code;
+
+mod common;
+use common::{subscribe_once_a_place_frees, two_streams_then_refused};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
@@ -252,26 +255,12 @@ async fn one_client_holds_at_most_max_subscribers_per_client_on_a_node() {
     let c = cluster.client_for(1);
     let (me, next, _alive_me) = member(&c, "greedy", "g").await;
     let (other, _, _alive_other) = member(&c, "other", "g").await;
-    let first = c.subscribe(&me, "g", next).await.unwrap();
-    let _second = c.subscribe(&me, "g", next).await.unwrap();
-    assert_code(
-        c.subscribe(&me, "g", next).await.map(|_| ()),
-        Code::ResourceExhausted,
-        "max_subscribers_per_client",
-    );
+    let cap = "max_subscribers_per_client";
+    let [first, _second] = two_streams_then_refused(&c, &me, "g", next, cap).await;
     // The cap is per client: another one still subscribes.
     let _theirs = c.subscribe(&other, "g", next).await.unwrap();
 
     // A stream that goes away gives its place back.
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match c.subscribe(&me, "g", next).await {
-            Ok(_) => break,
-            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("no place freed after a stream closed: {e}"),
-        }
-    }
+    subscribe_once_a_place_frees(&c, &me, "g", next, "after a stream closed").await;
 }

@@ -18,33 +18,14 @@ use crate::state::{Command, GroupLimits, Reply};
 use crate::write::liveness::Liveness;
 use crate::write::proposer::Proposer;
 
+/// The Tracker service; the node builds it as a struct literal.
 pub struct TrackerApi {
-    proposer: Proposer,
-    reader: StateReader,
-    liveness: Liveness,
-    limits: GroupLimits,
-    heartbeat_interval: Duration,
-    failure_timeout: Duration,
-}
-
-impl TrackerApi {
-    pub fn new(
-        proposer: Proposer,
-        reader: StateReader,
-        liveness: Liveness,
-        limits: GroupLimits,
-        heartbeat_interval: Duration,
-        failure_timeout: Duration,
-    ) -> Self {
-        Self {
-            proposer,
-            reader,
-            liveness,
-            limits,
-            heartbeat_interval,
-            failure_timeout,
-        }
-    }
+    pub(crate) proposer: Proposer,
+    pub(crate) reader: StateReader,
+    pub(crate) liveness: Liveness,
+    pub(crate) limits: GroupLimits,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) failure_timeout: Duration,
 }
 
 impl TrackerApi {
@@ -54,6 +35,25 @@ impl TrackerApi {
             Reply::Done(res) => Ok(res.map_err(Error::from)?),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// A Join (`join`) or a Leave, its fields checked.
+    fn group_change(
+        &self,
+        join: bool,
+        client_id: u64,
+        token: &str,
+        group: String,
+    ) -> Result<Command, Status> {
+        let group = checked_name(group, "group name")?;
+        let token_hash = hash_token(token);
+        Ok(Command::group_change(
+            join,
+            client_id,
+            token_hash,
+            group,
+            self.limits,
+        ))
     }
 }
 
@@ -83,12 +83,12 @@ fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
+/// What every Tracker RPC returns.
+type Answer<T> = Result<Response<T>, Status>;
+
 #[tonic::async_trait]
 impl Tracker for TrackerApi {
-    async fn register(
-        &self,
-        req: Request<RegisterRequest>,
-    ) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(&self, req: Request<RegisterRequest>) -> Answer<RegisterResponse> {
         let name = checked_name(req.into_inner().name, "client name")?;
         let token = new_token()?;
         let cmd = Command::Register {
@@ -107,14 +107,9 @@ impl Tracker for TrackerApi {
         }
     }
 
-    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+    async fn join(&self, req: Request<JoinRequest>) -> Answer<JoinResponse> {
         let req = req.into_inner();
-        let cmd = Command::Join {
-            client_id: req.client_id,
-            token_hash: hash_token(&req.token),
-            group: checked_name(req.group, "group name")?,
-            limits: self.limits,
-        };
+        let cmd = self.group_change(true, req.client_id, &req.token, req.group)?;
         match self.proposer.commit(cmd).await? {
             Reply::Joined(res) => {
                 let j = res.map_err(Error::from)?;
@@ -128,36 +123,28 @@ impl Tracker for TrackerApi {
         }
     }
 
-    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+    async fn leave(&self, req: Request<LeaveRequest>) -> Answer<LeaveResponse> {
         let req = req.into_inner();
-        let cmd = Command::Leave {
-            client_id: req.client_id,
-            token_hash: hash_token(&req.token),
-            group: checked_name(req.group, "group name")?,
-            limits: self.limits,
-        };
-        self.commit_done(cmd).await?;
-        Ok(Response::new(LeaveResponse {}))
+        let cmd = self.group_change(false, req.client_id, &req.token, req.group)?;
+        self.commit_done(cmd)
+            .await
+            .map(|()| Response::new(LeaveResponse {}))
     }
 
-    async fn unregister(
-        &self,
-        req: Request<UnregisterRequest>,
-    ) -> Result<Response<UnregisterResponse>, Status> {
-        let req = req.into_inner();
+    async fn unregister(&self, req: Request<UnregisterRequest>) -> Answer<UnregisterResponse> {
+        let UnregisterRequest { client_id, token } = req.into_inner();
+        let token_hash = hash_token(&token);
         let cmd = Command::Unregister {
-            client_id: req.client_id,
-            token_hash: hash_token(&req.token),
+            client_id,
+            token_hash,
             limits: self.limits,
         };
-        self.commit_done(cmd).await?;
-        Ok(Response::new(UnregisterResponse {}))
+        self.commit_done(cmd)
+            .await
+            .map(|()| Response::new(UnregisterResponse {}))
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<HeartbeatRequest>,
-    ) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Answer<HeartbeatResponse> {
         let req = req.into_inner();
         self.liveness
             .heartbeat(req.client_id, hash_token(&req.token))
@@ -167,10 +154,7 @@ impl Tracker for TrackerApi {
         }))
     }
 
-    async fn list_groups(
-        &self,
-        _req: Request<ListGroupsRequest>,
-    ) -> Result<Response<ListGroupsResponse>, Status> {
+    async fn list_groups(&self, _req: Request<ListGroupsRequest>) -> Answer<ListGroupsResponse> {
         let groups = self.reader.read(|a| a.state.groups.list());
         Ok(Response::new(ListGroupsResponse {
             groups: groups
@@ -184,10 +168,7 @@ impl Tracker for TrackerApi {
         }))
     }
 
-    async fn list_members(
-        &self,
-        req: Request<ListMembersRequest>,
-    ) -> Result<Response<ListMembersResponse>, Status> {
+    async fn list_members(&self, req: Request<ListMembersRequest>) -> Answer<ListMembersResponse> {
         let group = checked_name(req.into_inner().group, "group name")?;
         match self.reader.read(|a| a.state.groups.members(&group)) {
             Some(list) => Ok(Response::new(ListMembersResponse {

@@ -18,18 +18,19 @@ use crate::raft::{NodeId, Raft};
 use crate::write::liveness::Liveness;
 use crate::write::proposer::Proposer;
 
-/// Serves one node's peer address. Never registered on the client listener.
+/// Serves one node's peer address. Never registered on the client listener. Built as a
+/// struct literal by the node, which owns every part.
 pub struct PeerService {
-    id: NodeId,
-    raft: Raft,
-    proposer: Proposer,
-    liveness: Liveness,
-    election: Election,
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+    pub(crate) proposer: Proposer,
+    pub(crate) liveness: Liveness,
+    pub(crate) election: Election,
     /// The members this node would bootstrap with, to compare with a fresh peer's.
-    members: std::collections::BTreeSet<NodeId>,
+    pub(crate) members: std::collections::BTreeSet<NodeId>,
     /// Turns true when the peer listener stops: open streams end then, or a graceful stop
     /// would wait for them forever.
-    stopping: CancellationToken,
+    pub(crate) stopping: CancellationToken,
 }
 
 impl PeerService {
@@ -38,26 +39,6 @@ impl PeerService {
     fn deadline<T>(&self, req: &Request<T>) -> Instant {
         let ours = self.proposer.timeout();
         Instant::now() + grpc_timeout(req).map_or(ours, |t| t.min(ours))
-    }
-
-    pub fn new(
-        id: NodeId,
-        raft: Raft,
-        proposer: Proposer,
-        liveness: Liveness,
-        election: Election,
-        members: std::collections::BTreeSet<NodeId>,
-        stopping: CancellationToken,
-    ) -> Self {
-        Self {
-            id,
-            raft,
-            proposer,
-            liveness,
-            election,
-            members,
-            stopping,
-        }
     }
 }
 

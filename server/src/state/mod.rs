@@ -76,6 +76,32 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// A Join (`join`) or a Leave, which carry the same fields.
+    pub fn group_change(
+        join: bool,
+        client_id: u64,
+        token_hash: String,
+        group: String,
+        limits: GroupLimits,
+    ) -> Command {
+        match join {
+            true => Command::Join {
+                client_id,
+                token_hash,
+                group,
+                limits,
+            },
+            false => Command::Leave {
+                client_id,
+                token_hash,
+                group,
+                limits,
+            },
+        }
+    }
+}
+
 /// What applying a command produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Reply {

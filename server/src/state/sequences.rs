@@ -16,6 +16,13 @@ pub struct AllocRequest {
     pub count: u64,
 }
 
+impl AllocRequest {
+    pub fn new(sequence: impl Into<String>, count: u64) -> Self {
+        let sequence = sequence.into();
+        Self { sequence, count }
+    }
+}
+
 /// Names of sequences, groups and clients: `[A-Za-z0-9._-]{1,64}`.
 pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -76,10 +83,7 @@ mod tests {
     use super::*;
 
     fn req(sequence: &str, count: u64) -> AllocRequest {
-        AllocRequest {
-            sequence: sequence.into(),
-            count,
-        }
+        AllocRequest::new(sequence, count)
     }
 
     #[test]

@@ -72,10 +72,7 @@ fn plan(batch: Vec<AllocRequest>) -> (Vec<AllocRequest>, Slots) {
     let mut slots = Vec::with_capacity(batch.len());
     for r in batch {
         let i = *index.entry(r.sequence.clone()).or_insert_with(|| {
-            requests.push(AllocRequest {
-                sequence: r.sequence,
-                count: 0,
-            });
+            requests.push(AllocRequest::new(r.sequence, 0));
             requests.len() - 1
         });
         slots.push((i, requests[i].count));
@@ -88,17 +85,17 @@ fn plan(batch: Vec<AllocRequest>) -> (Vec<AllocRequest>, Slots) {
 mod tests {
     use super::*;
 
-    fn req(sequence: &str, count: u64) -> AllocRequest {
-        AllocRequest {
-            sequence: sequence.into(),
-            count,
-        }
-    }
+    use AllocRequest as Req;
 
     #[test]
     fn plan_sums_per_sequence_and_slices_in_order() {
-        let (requests, slots) = plan(vec![req("a", 1), req("b", 5), req("a", 3), req("a", 1)]);
-        assert_eq!(requests, vec![req("a", 5), req("b", 5)]);
+        let (requests, slots) = plan(vec![
+            Req::new("a", 1),
+            Req::new("b", 5),
+            Req::new("a", 3),
+            Req::new("a", 1),
+        ]);
+        assert_eq!(requests, vec![Req::new("a", 5), Req::new("b", 5)]);
         assert_eq!(slots, vec![(0, 0), (1, 0), (0, 1), (0, 4)]);
         let reply = Reply::Allocated(vec![Ok(10), Ok(1)]);
         let firsts: Vec<u64> = AllocPlan { max_sequences: 9 }
