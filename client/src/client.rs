@@ -3,12 +3,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
+use tokio::time::Instant;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::pb::admin_client::AdminClient;
 use crate::pb::cluster_client::ClusterClient;
 use crate::pb::messenger_client::MessengerClient;
 use crate::pb::sequencer_client::SequencerClient;
@@ -19,6 +22,13 @@ use crate::{pb, ClientError, Tls};
 
 /// The heartbeat interval assumed until a server says otherwise.
 const DEFAULT_HEARTBEAT_MS: u64 = 1000;
+
+/// How long an Admin call may take unless [`Client::with_deadline`] set a deadline: adding a
+/// node answers only once it has caught up, which may take a while.
+pub const ADMIN_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The header Admin calls carry the admin token in.
+const ADMIN_TOKEN_HEADER: &str = "x-admin-token";
 
 /// One RPC through [`Client::call_under`]: `rpc!(self, TrackerClient.join(req))`, or with a
 /// policy of its own, `rpc!(self, policy, ...)`. Every attempt sends its own clone of the
@@ -36,6 +46,50 @@ macro_rules! rpc {
             })
             .await
     }};
+}
+
+/// One call of the Admin service, like [`rpc!`] but under [`Client::admin_policy`], on the
+/// channels of [`Client::admin_servers`], and with the admin token and the time left in every
+/// attempt's headers: `admin_rpc!(self, add_member(req))`.
+macro_rules! admin_rpc {
+    ($client:expr, $method:ident ($req:expr)) => {{
+        let req = $req;
+        let policy = $client.admin_policy();
+        let token = $client.admin_header()?;
+        let servers = $client.admin_servers()?;
+        let until = Instant::now() + policy.deadline;
+        $client
+            .call_on(servers, policy, |ch| {
+                let req = admin_request(req.clone(), token.as_ref(), until);
+                async move { AdminClient::new(ch).$method(req).await }
+            })
+            .await
+    }};
+}
+
+/// A request with the admin token, if there is one, and the time left until `until` as its
+/// grpc-timeout, so the server gives up when the caller does (a minute without one).
+fn admin_request<T>(
+    msg: T,
+    token: Option<&AsciiMetadataValue>,
+    until: Instant,
+) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(token) = token {
+        req.metadata_mut().insert(ADMIN_TOKEN_HEADER, token.clone());
+    }
+    req.set_timeout(until.saturating_duration_since(Instant::now()));
+    req
+}
+
+/// The admin token, which no Debug output shows.
+#[derive(Clone, PartialEq, Eq)]
+struct AdminToken(String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 /// Who a group-messaging client is: what Register returned.
@@ -65,6 +119,13 @@ pub struct Client {
     /// The heartbeat interval servers last asked for, in ms.
     heartbeat_ms: AtomicU64,
     tls: Option<Tls>,
+    /// Whether [`Client::with_deadline`] set `policy.deadline`; if not, Admin calls get
+    /// [`ADMIN_DEADLINE`].
+    deadline_set: bool,
+    admin_token: Option<AdminToken>,
+    /// Channels to the same servers, in the same order, that do not cut a call off at the RPC
+    /// timeout: an Admin call may rightly take minutes. Made on the first Admin call.
+    admin_servers: OnceLock<Vec<Server>>,
 }
 
 impl Client {
@@ -85,6 +146,9 @@ impl Client {
             nodes: RwLock::default(),
             heartbeat_ms: AtomicU64::new(DEFAULT_HEARTBEAT_MS),
             tls: None,
+            deadline_set: false,
+            admin_token: None,
+            admin_servers: OnceLock::new(),
         })
     }
 
@@ -106,13 +170,24 @@ impl Client {
             .iter()
             .map(|s| Server::new(&s.addr, self.policy.rpc_timeout, self.tls.as_ref()))
             .collect::<Result<_, _>>()?;
+        self.admin_servers = OnceLock::new();
         Ok(self)
     }
 
     /// How long a call may keep trying servers, every attempt and pause included
-    /// (default 15 s). No attempt outlasts it: each gets the RPC timeout or what is left.
+    /// (default 15 s; for Admin calls 120 s, [`ADMIN_DEADLINE`]). No attempt outlasts it:
+    /// each gets the RPC timeout or what is left. Set here, it holds for Admin calls too.
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.policy.deadline = deadline;
+        self.deadline_set = true;
+        self
+    }
+
+    /// The admin token that Admin calls send in the `x-admin-token` header: membership
+    /// changes and primary hand-over need it (or a client certificate the cluster trusts).
+    /// It is sent to no other service, and nothing the client prints shows it.
+    pub fn with_admin_token(mut self, token: impl Into<String>) -> Self {
+        self.admin_token = Some(AdminToken(token.into()));
         self
     }
 
@@ -131,6 +206,9 @@ impl Client {
             nodes: RwLock::new(self.nodes.read().unwrap_or_else(|p| p.into_inner()).clone()),
             heartbeat_ms: AtomicU64::new(self.heartbeat_ms.load(Ordering::Relaxed)),
             tls: self.tls.clone(),
+            deadline_set: self.deadline_set,
+            admin_token: self.admin_token.clone(),
+            admin_servers: self.admin_servers.clone(),
         }
     }
 
@@ -286,6 +364,97 @@ impl Client {
         rpc!(self, HealthClient.check(req)).map(|_| ())
     }
 
+    /// The cluster's voters and learners, with their addresses and how far each is behind,
+    /// as the primary sees them (Admin.ListMembers; needs no admin token). Not to be confused
+    /// with [`Client::list_members`], the members of a group.
+    pub async fn list_cluster_members(&self) -> Result<pb::AdminListResponse, ClientError> {
+        admin_rpc!(self, list_members(pb::AdminListRequest {}))
+    }
+
+    /// Adds node `id`, which clients reach at `addr` and peers at `peer_addr`, as a learner;
+    /// unless `learner_only`, the primary promotes it to voter once it has caught up, and only
+    /// then answers. Refused with ALREADY_EXISTS if `id` is a member already.
+    pub async fn add_member(
+        &self,
+        id: u32,
+        addr: &str,
+        peer_addr: &str,
+        learner_only: bool,
+    ) -> Result<pb::MembershipResponse, ClientError> {
+        let req = pb::AddMemberRequest {
+            id,
+            addr: addr.to_string(),
+            peer_addr: peer_addr.to_string(),
+            learner_only,
+        };
+        admin_rpc!(self, add_member(req))
+    }
+
+    /// Promotes learner `id` to voter.
+    pub async fn promote_member(&self, id: u32) -> Result<pb::MembershipResponse, ClientError> {
+        admin_rpc!(self, promote_member(pb::PromoteMemberRequest { id }))
+    }
+
+    /// Removes voter or learner `id` (NOT_FOUND if it is not a member). With `force`, even if
+    /// the voters left could not form a quorum with the members reachable now.
+    pub async fn remove_member(
+        &self,
+        id: u32,
+        force: bool,
+    ) -> Result<pb::MembershipResponse, ClientError> {
+        admin_rpc!(self, remove_member(pb::RemoveMemberRequest { id, force }))
+    }
+
+    /// Hands the primary to voter `to`, or with `None` to the most up-to-date voter, without
+    /// waiting for an election. The next calls go to the new primary if discovery knows it.
+    pub async fn transfer_primary(
+        &self,
+        to: Option<u32>,
+    ) -> Result<pb::TransferPrimaryResponse, ClientError> {
+        let req = pb::TransferPrimaryRequest {
+            to: to.unwrap_or(0),
+        };
+        admin_rpc!(self, transfer_primary(req)).inspect(|resp| self.follow_primary(resp.to))
+    }
+
+    /// The policy of Admin calls: one attempt may take the whole deadline (the default RPC
+    /// timeout would cut a learner's catching up short), which is [`ADMIN_DEADLINE`] unless
+    /// [`Client::with_deadline`] set one.
+    fn admin_policy(&self) -> RetryPolicy {
+        let deadline = if self.deadline_set {
+            self.policy.deadline
+        } else {
+            ADMIN_DEADLINE
+        };
+        self.policy.for_admin(deadline)
+    }
+
+    /// The admin token as a header value, if there is one.
+    fn admin_header(&self) -> Result<Option<AsciiMetadataValue>, ClientError> {
+        let Some(AdminToken(token)) = &self.admin_token else {
+            return Ok(None);
+        };
+        let mut value =
+            AsciiMetadataValue::try_from(token.as_str()).map_err(|_| ClientError::BadAdminToken)?;
+        // Kept out of HTTP/2 header compression tables.
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    /// The channels of Admin calls: the servers' addresses again, with no timeout of their
+    /// own, so that each call's deadline alone bounds it.
+    fn admin_servers(&self) -> Result<&[Server], ClientError> {
+        if let Some(servers) = self.admin_servers.get() {
+            return Ok(servers);
+        }
+        let servers = self
+            .servers
+            .iter()
+            .map(|s| Server::untimed(&s.addr, self.tls.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.admin_servers.get_or_init(|| servers))
+    }
+
     /// Asks any server for the cluster's layout, learns which of this client's servers is which
     /// node, and sends the next calls to the primary. Returns the primary's id, if one is known.
     pub async fn discover_primary(&self) -> Result<Option<u32>, ClientError> {
@@ -319,8 +488,22 @@ impl Client {
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.call_on(&self.servers, policy, f).await
+    }
+
+    /// [`Client::call_under`] on `servers`: these servers' channels, in the same order.
+    async fn call_on<T, F, Fut>(
+        &self,
+        servers: &[Server],
+        policy: RetryPolicy,
+        f: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let (i, resp) = policy
-            .call(&self.servers, self.current.load(Ordering::Relaxed), f)
+            .call(servers, self.current.load(Ordering::Relaxed), f)
             .await?;
         self.current.store(i, Ordering::Relaxed);
         Ok(resp)
@@ -361,5 +544,59 @@ mod tests {
         assert_eq!(shared.addrs(), c.addrs());
         assert_eq!(shared.current.load(Ordering::Relaxed), 1);
         assert_eq!(shared.heartbeat_interval(), Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn admin_calls_get_two_minutes_unless_a_deadline_was_set() {
+        let c = Client::new(["127.0.0.1:1"]).unwrap();
+        assert_eq!(c.admin_policy().deadline, ADMIN_DEADLINE);
+        assert_eq!(c.admin_policy().rpc_timeout, ADMIN_DEADLINE);
+        assert_eq!(c.policy.deadline, RetryPolicy::default().deadline);
+        let c = c
+            .with_deadline(Duration::from_secs(5))
+            .with_admin_token("t");
+        assert_eq!(c.admin_policy().deadline, Duration::from_secs(5));
+        assert_eq!(c.share().admin_policy(), c.admin_policy());
+    }
+
+    #[tokio::test]
+    async fn the_admin_token_is_sent_as_a_sensitive_header_and_never_printed() {
+        let c = Client::new(["127.0.0.1:1"]).unwrap();
+        assert!(c.admin_header().unwrap().is_none());
+        let c = c.with_admin_token("s3cret-admin-token");
+        let shown = format!("{:?}", c.admin_token);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let value = c.admin_header().unwrap().unwrap();
+        assert!(value.is_sensitive());
+        assert_eq!(value.to_str().unwrap(), "s3cret-admin-token");
+        assert!(!format!("{value:?}").contains("s3cret"));
+        let req = admin_request((), Some(&value), Instant::now() + Duration::from_secs(60));
+        assert_eq!(
+            req.metadata().get(ADMIN_TOKEN_HEADER).unwrap(),
+            "s3cret-admin-token"
+        );
+        assert!(req.metadata().get("grpc-timeout").is_some());
+
+        let bad = Client::new(["127.0.0.1:1"])
+            .unwrap()
+            .with_admin_token("line\nbreak-s3cret");
+        let e = bad.admin_header().unwrap_err();
+        assert!(matches!(e, ClientError::BadAdminToken));
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn admin_channels_are_made_once_and_again_after_a_reconnect() {
+        let c = Client::new(["127.0.0.1:1", "127.0.0.1:2"]).unwrap();
+        let addrs: Vec<_> = c
+            .admin_servers()
+            .unwrap()
+            .iter()
+            .map(|s| s.addr.clone())
+            .collect();
+        assert_eq!(addrs, c.addrs());
+        assert!(c.admin_servers.get().is_some());
+        let c = c.with_rpc_timeout(Duration::from_secs(1)).unwrap();
+        assert!(c.admin_servers.get().is_none());
     }
 }

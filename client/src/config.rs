@@ -1,6 +1,8 @@
-//! What the client reads from a cluster's config.json: where the servers are, and the hosts
-//! their certificates must name. The server owns the file's meaning; this reads only the keys
-//! that say where nodes listen, with the server's defaults.
+//! What the client reads from a cluster's config.json: where the servers are, the hosts
+//! their certificates must name, and the data dir (where the launcher keeps the admin token).
+//! The server owns the file's meaning; this reads only those keys, with the server's defaults.
+
+use std::path::PathBuf;
 
 use serde_json::Value;
 
@@ -59,6 +61,16 @@ pub fn addrs_from_config(text: &str) -> Result<Vec<String>, ClientError> {
         .collect())
 }
 
+/// The `data_dir` of a config.json, as written (default `data`): a relative one is relative
+/// to the current directory, as the server takes it.
+pub fn data_dir_from_config(text: &str) -> Result<PathBuf, ClientError> {
+    match parse(text)?.get("data_dir") {
+        None | Some(Value::Null) => Ok(PathBuf::from("data")),
+        Some(Value::String(dir)) => Ok(PathBuf::from(dir)),
+        Some(_) => Err(ClientError::Config("data_dir is not a string".into())),
+    }
+}
+
 /// The host of a `host:port` address, as a certificate must name it.
 fn host_of(addr: &str) -> Result<String, ClientError> {
     if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
@@ -111,6 +123,21 @@ mod tests {
             addrs_from_config(list).unwrap(),
             vec!["10.0.0.1:1", "10.0.0.2:1"]
         );
+    }
+
+    #[test]
+    fn data_dir_as_written_or_the_default() {
+        assert_eq!(data_dir_from_config("{}").unwrap(), PathBuf::from("data"));
+        assert_eq!(
+            data_dir_from_config(r#"{"data_dir": "/var/lib/seq"}"#).unwrap(),
+            PathBuf::from("/var/lib/seq")
+        );
+        assert_eq!(
+            data_dir_from_config(r#"{"data_dir": "rel/dir"}"#).unwrap(),
+            PathBuf::from("rel/dir")
+        );
+        let e = data_dir_from_config(r#"{"data_dir": 3}"#).unwrap_err();
+        assert_eq!(e.to_string(), "config: data_dir is not a string");
     }
 
     #[test]

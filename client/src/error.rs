@@ -12,6 +12,9 @@ pub enum ClientError {
     /// A config.json that does not say where the servers are.
     #[error("config: {0}")]
     Config(String),
+    /// An admin token that an HTTP header cannot carry. The message does not show it.
+    #[error("the admin token has characters a header cannot carry (visible ASCII only)")]
+    BadAdminToken,
     /// A server answered with an error that retrying elsewhere would not fix.
     #[error("{}: {}", code_name(.status.code()), .status.message())]
     Rejected { server: String, status: Status },
@@ -32,7 +35,7 @@ impl ClientError {
     }
 
     /// The gRPC code behind the error; INVALID_ARGUMENT for a client built without servers,
-    /// with a bad address or from a bad config.
+    /// with a bad address or admin token, or from a bad config.
     pub fn code(&self) -> Code {
         self.status()
             .map(|s| s.code())

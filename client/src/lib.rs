@@ -9,6 +9,10 @@
 //! the client's servers is which node, and from then on every id response (which names the
 //! primary) steers the next call to the primary.
 //!
+//! Admin calls (membership changes, primary hand-over) carry the token given to
+//! [`Client::with_admin_token`], and may take up to [`ADMIN_DEADLINE`] unless
+//! [`Client::with_deadline`] says otherwise.
+//!
 //! The library's modules: `client` (the RPCs), `retry` (one attempt, and the loop over
 //! servers), `transport` (channels, TLS), `keep_alive` (heartbeats), `config` (config.json),
 //! `error`. The other files of `src/` belong to the `client` binary.
@@ -23,8 +27,8 @@ mod keep_alive;
 mod retry;
 mod transport;
 
-pub use client::{Client, Identity};
-pub use config::{addrs_from_config, node_hosts_from_config};
+pub use client::{Client, Identity, ADMIN_DEADLINE};
+pub use config::{addrs_from_config, data_dir_from_config, node_hosts_from_config};
 pub use error::{code_name, ClientError};
 pub use keep_alive::KeepAlive;
 pub use sequencer_proto::v1 as pb;

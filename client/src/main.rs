@@ -4,6 +4,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod admin;
 mod bench;
 mod certs;
 mod groups;
@@ -41,6 +42,16 @@ struct Cli {
     /// The client certificate's private key (PEM).
     #[arg(long, global = true, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// The admin token for `member` and `transfer-primary`; without it, $SEQUENCER_ADMIN_TOKEN,
+    /// then the file admin.token in the data_dir of --config.
+    ///
+    /// First found wins: this flag, the environment variable SEQUENCER_ADMIN_TOKEN, then the
+    /// file admin.token in the data_dir of the --config file (data_dir defaults to "data"; a
+    /// relative one is relative to the current directory, as the server takes it), where the
+    /// one-command launcher writes the token it makes up. An empty value counts as none, and
+    /// no token at all is fine for `member list`. A flag shows in `ps`: prefer the others.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    admin_token: Option<admin::Secret>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -66,6 +77,19 @@ enum Cmd {
     },
     /// The cluster as a server sees it.
     Status,
+    /// The cluster's membership: list it, or add, promote or remove a node. Changes need the
+    /// admin token (see --admin-token).
+    Member {
+        #[command(subcommand)]
+        cmd: admin::MemberCmd,
+    },
+    /// Hand the primary to another voter at once, without waiting for an election. Needs the
+    /// admin token (see --admin-token).
+    TransferPrimary {
+        /// The voter to hand it to; default: the most up-to-date one.
+        #[arg(long, value_name = "ID")]
+        to: Option<u32>,
+    },
     /// Print the client addresses of the config, one per line.
     Servers,
     /// Load the cluster from C concurrent callers for a while, then report throughput,
@@ -248,6 +272,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(tls) = tls_options(&cli)? {
         client = client.with_tls(tls)?;
     }
+    if matches!(
+        cli.command,
+        Cmd::Member { .. } | Cmd::TransferPrimary { .. }
+    ) {
+        let flag = cli.admin_token.as_ref().map(|s| s.0.as_str());
+        let env = admin::token_from_env()?;
+        if let Some((token, source)) =
+            admin::find_token(flag, env.as_deref(), || config_text(&cli))?
+        {
+            tracing::debug!("admin token from {source}");
+            client = client.with_admin_token(token);
+        }
+    }
     match &cli.command {
         Cmd::GetId {
             sequence,
@@ -286,6 +323,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Cmd::Status => print_status(&client.status().await?, cli.json),
+        Cmd::Member { cmd } => admin::member(&client, cmd, cli.json).await?,
+        Cmd::TransferPrimary { to } => admin::transfer_primary(&client, *to, cli.json).await?,
         Cmd::Servers | Cmd::GenCerts { .. } | Cmd::Bench { .. } => {
             unreachable!("handled above")
         }
@@ -326,7 +365,7 @@ fn print_status(s: &pb::StatusResponse, json_out: bool) {
             .iter()
             .map(|n| {
                 json!({"id": n.id, "addr": n.addr, "peer_addr": n.peer_addr,
-                            "reachable": n.reachable, "primary": n.primary})
+                       "reachable": n.reachable, "primary": n.primary, "role": n.role})
             })
             .collect();
         println!(
@@ -346,15 +385,18 @@ fn print_status(s: &pb::StatusResponse, json_out: bool) {
         s.node_id, s.role, s.term, s.commit_index, s.applied_index
     );
     println!(
-        "{:<4} {:<22} {:<22} {:<10} ROLE",
-        "NODE", "CLIENT", "PEER", "REACHABLE"
+        "{:<4} {:<22} {:<22} {:<10} {:<12} PRIMARY",
+        "NODE", "CLIENT", "PEER", "REACHABLE", "ROLE"
     );
     for n in &s.nodes {
-        let role = if n.primary { "primary" } else { "" };
+        // A server from before roles were reported sends none.
+        let role = if n.role.is_empty() { "-" } else { &n.role };
         let reachable = if n.reachable { "yes" } else { "no" };
-        println!(
-            "{:<4} {:<22} {:<22} {:<10} {role}",
+        let primary = if n.primary { "*" } else { "" };
+        let row = format!(
+            "{:<4} {:<22} {:<22} {:<10} {role:<12} {primary}",
             n.id, n.addr, n.peer_addr, reachable
         );
+        println!("{}", row.trim_end());
     }
 }

@@ -82,6 +82,17 @@ impl RetryPolicy {
         }
     }
 
+    /// For Admin calls, which may rightly take minutes (a learner catching up): one attempt
+    /// may take the whole `deadline`. One that times out is not repeated elsewhere, since the
+    /// deadline is then spent; a server that is down or has no primary is still left at once.
+    pub(crate) fn for_admin(&self, deadline: Duration) -> Self {
+        Self {
+            rpc_timeout: deadline,
+            deadline,
+            ..*self
+        }
+    }
+
     /// Calls `f` on `servers[first]`, then on the next server after each retryable failure,
     /// pausing after each full round, until one answers or the deadline passes. Each attempt
     /// gets `rpc_timeout` or what is left of the deadline, whichever is less. Returns the index
@@ -334,6 +345,32 @@ mod tests {
         let (res, calls) = scripted(policy(1000, 0), 1, 0, NOW, |_| Some(Ok(1))).await;
         assert_eq!(res.unwrap_err().code(), Code::DeadlineExceeded);
         assert_eq!(calls, 0);
+    }
+
+    #[tokio::test]
+    async fn an_admin_attempt_may_take_the_whole_deadline_and_is_not_repeated_after_it() {
+        let admin = policy(100, 5000).for_admin(ms(300));
+        assert_eq!(admin.rpc_timeout, ms(300));
+        assert_eq!(admin.deadline, ms(300));
+        // Answers after 200 ms, twice the ordinary RPC timeout: still in time.
+        let (res, calls) = scripted(admin, 2, 0, ms(200), |_| Some(Ok(3))).await;
+        assert_eq!(res.unwrap(), (0, 3));
+        assert_eq!(calls, 1);
+        // No answer: the one attempt ends at the deadline, and no other server is tried.
+        let (res, calls) = scripted(admin, 2, 0, NOW, |_| None).await;
+        assert_eq!(res.unwrap_err().code(), Code::DeadlineExceeded);
+        assert_eq!(calls, 1, "a timed-out admin call was sent again");
+        // A server that is down is still left for the next.
+        let (res, calls) = scripted(admin, 2, 0, NOW, |k| {
+            Some(if k == 0 {
+                Err(Status::unavailable("connection refused"))
+            } else {
+                Ok(4)
+            })
+        })
+        .await;
+        assert_eq!(res.unwrap(), (1, 4));
+        assert_eq!(calls, 2);
     }
 
     #[test]

@@ -61,6 +61,20 @@ impl Server {
         rpc_timeout: Duration,
         tls: Option<&Tls>,
     ) -> Result<Server, ClientError> {
+        Self::build(addr, Some(rpc_timeout), tls)
+    }
+
+    /// Like [`Server::new`], but with no timeout of the channel's own: for calls that each
+    /// carry their deadline (grpc-timeout) and are cut off by the retry loop.
+    pub(crate) fn untimed(addr: &str, tls: Option<&Tls>) -> Result<Server, ClientError> {
+        Self::build(addr, None, tls)
+    }
+
+    fn build(
+        addr: &str,
+        rpc_timeout: Option<Duration>,
+        tls: Option<&Tls>,
+    ) -> Result<Server, ClientError> {
         let addr = addr.trim().to_string();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let uri = if addr.contains("://") {
@@ -72,8 +86,10 @@ impl Server {
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(rpc_timeout)
             .tcp_nodelay(true);
+        if let Some(timeout) = rpc_timeout {
+            endpoint = endpoint.timeout(timeout);
+        }
         if let Some(tls) = tls {
             endpoint = endpoint
                 .tls_config(tls.config())

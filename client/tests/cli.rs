@@ -24,12 +24,31 @@ async fn cluster() -> Cluster {
 }
 
 fn client(cluster: &Cluster, args: &[&str]) -> Output {
-    Command::new(CLIENT)
-        .arg("--config")
+    client_with_token(cluster, args, None)
+}
+
+/// `client` with SEQUENCER_ADMIN_TOKEN set to `token`, or unset.
+fn client_with_token(cluster: &Cluster, args: &[&str], token: Option<&str>) -> Output {
+    let mut cmd = Command::new(CLIENT);
+    cmd.arg("--config")
         .arg(cluster.config_path())
         .args(args)
-        .output()
-        .unwrap()
+        .env_remove("SEQUENCER_ADMIN_TOKEN");
+    if let Some(token) = token {
+        cmd.env("SEQUENCER_ADMIN_TOKEN", token);
+    }
+    cmd.output().unwrap()
+}
+
+/// What a failed `client` run printed on stderr; panics if it succeeded.
+fn failure(o: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    stderr
 }
 
 fn stdout(o: &Output) -> String {
@@ -60,11 +79,22 @@ async fn cli_prints_ids_blocks_status_and_json() {
     assert!(json["primary"].as_u64().unwrap() >= 1);
 
     let status = stdout(&client(&cluster, &["status"]));
+    let header = status.lines().nth(1).unwrap();
     assert_eq!(
-        status
-            .lines()
-            .filter(|l| l.trim_end().ends_with("primary"))
-            .count(),
+        header.split_whitespace().collect::<Vec<_>>(),
+        ["NODE", "CLIENT", "PEER", "REACHABLE", "ROLE", "PRIMARY"],
+        "{status}"
+    );
+    let rows: Vec<Vec<&str>> = status
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{status}");
+    // The Raft role of every node, and the primary marked apart from it.
+    assert!(rows.iter().all(|r| r[4] == "voter"), "{status}");
+    assert_eq!(
+        rows.iter().filter(|r| r.get(5) == Some(&"*")).count(),
         1,
         "{status}"
     );
@@ -73,7 +103,9 @@ async fn cli_prints_ids_blocks_status_and_json() {
     }
     let json: serde_json::Value =
         serde_json::from_str(&stdout(&client(&cluster, &["status", "--json"]))).unwrap();
-    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+    let nodes = json["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(|n| n["role"] == "voter"), "{json}");
 
     cluster.wait_current_id("default", 10).await.unwrap();
     let third = cluster.node(3).addr.clone();
@@ -85,6 +117,265 @@ async fn cli_prints_ids_blocks_status_and_json() {
     let bad = client(&cluster, &["get-id", "--count", "0"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID_ARGUMENT"));
+}
+
+const ADMIN_TOKEN: &str = "a-test-admin-token-0123";
+
+/// A steady 3-node cluster whose admin token is [`ADMIN_TOKEN`].
+async fn admin_cluster() -> Cluster {
+    let mut c = Cluster::builder(sibling_binary(CLIENT, "server"))
+        .steady()
+        .set("admin_token", ADMIN_TOKEN)
+        .start()
+        .unwrap();
+    c.wait_for_primary().await.unwrap();
+    c
+}
+
+/// `member list --json`, parsed.
+fn member_list(cluster: &Cluster) -> serde_json::Value {
+    serde_json::from_str(&stdout(&client(cluster, &["member", "list", "--json"]))).unwrap()
+}
+
+/// The ids of the members of a `member list --json`, and of the one marked primary.
+fn members_and_primary(list: &serde_json::Value) -> (Vec<u64>, Vec<u64>) {
+    let members = list["members"].as_array().unwrap();
+    let ids = members.iter().map(|m| m["id"].as_u64().unwrap()).collect();
+    let primaries = members
+        .iter()
+        .filter(|m| m["primary"] == true)
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    (ids, primaries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_list_shows_three_voters_and_one_primary() {
+    let cluster = cluster().await;
+    let list = member_list(&cluster);
+    let members = list["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{list}");
+    assert!(members.iter().all(|m| m["role"] == "voter"), "{list}");
+    let (mut ids, primaries) = members_and_primary(&list);
+    ids.sort();
+    assert_eq!(ids, [1, 2, 3], "{list}");
+    assert_eq!(primaries.len(), 1, "not exactly one primary: {list}");
+    assert_eq!(list["primary"].as_u64(), Some(primaries[0]), "{list}");
+    assert_eq!(list["changing"], false, "{list}");
+    for m in members {
+        let id = m["id"].as_u64().unwrap();
+        assert_eq!(m["addr"], cluster.node(id).addr, "{list}");
+        assert_eq!(m["peer_addr"], cluster.node(id).peer_addr, "{list}");
+    }
+
+    // The same for people: a line on the membership, a header, a row per member.
+    let text = stdout(&client(&cluster, &["member", "list"]));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[0].contains("no change in progress"), "{text}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["ID", "CLIENT", "PEER", "ROLE", "PRIMARY", "MATCHED", "LAG"]
+    );
+    let marked: Vec<&str> = lines[2..]
+        .iter()
+        .filter(|l| l.split_whitespace().nth(4) == Some("*"))
+        .copied()
+        .collect();
+    assert_eq!(marked.len(), 1, "{text}");
+    assert!(marked[0].starts_with(&primaries[0].to_string()), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_that_is_not_a_member_is_not_found() {
+    let cluster = admin_cluster().await;
+    let before = member_list(&cluster);
+    let out = client_with_token(&cluster, &["member", "remove", "9"], Some(ADMIN_TOKEN));
+    let err = failure(&out);
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    assert!(!err.contains(ADMIN_TOKEN), "the token was printed: {err}");
+
+    // The token in data_dir/admin.token of the config is found too.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cluster.config_path()).unwrap()).unwrap();
+    let data_dir = PathBuf::from(config["data_dir"].as_str().unwrap());
+    std::fs::write(data_dir.join("admin.token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+    let err = failure(&client(&cluster, &["member", "remove", "9", "--force"]));
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    // The flag comes before the environment and the file: a wrong one is refused.
+    let err = failure(&client_with_token(
+        &cluster,
+        &["--admin-token", "wrong-token", "member", "remove", "9"],
+        Some(ADMIN_TOKEN),
+    ));
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+    assert!(!err.contains("wrong-token"), "the token was printed: {err}");
+    assert_eq!(member_list(&cluster)["members"], before["members"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_member_without_the_admin_token_is_refused_and_changes_nothing() {
+    let cluster = admin_cluster().await;
+    let before = member_list(&cluster);
+    let ports = testkit::free_ports(2).unwrap();
+    let (addr, peer) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let out = client(
+        &cluster,
+        &["member", "add", "4", "--addr", &addr, "--peer-addr", &peer],
+    );
+    let err = failure(&out);
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+    let after = member_list(&cluster);
+    assert_eq!(after["members"].as_array().unwrap().len(), 3, "{after}");
+    assert_eq!(
+        after["membership_index"], before["membership_index"],
+        "{after}"
+    );
+    assert!(
+        !after["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == 4),
+        "{after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_added_as_a_learner_promoted_and_removed() {
+    let mut cluster = admin_cluster().await;
+    let id = cluster.add_nodes(1).unwrap()[0];
+    cluster.start_node(id).unwrap();
+    let (addr, peer) = (
+        cluster.node(id).addr.clone(),
+        cluster.node(id).peer_addr.clone(),
+    );
+    let admin = |args: &[&str]| stdout(&client_with_token(&cluster, args, Some(ADMIN_TOKEN)));
+    let ids = id.to_string();
+    let text = admin(&[
+        "member",
+        "add",
+        &ids,
+        "--addr",
+        &addr,
+        "--peer-addr",
+        &peer,
+        "--learner",
+    ]);
+    assert!(
+        text.starts_with(&format!("node {id} added as a learner")),
+        "{text}"
+    );
+    let list = member_list(&cluster);
+    let role = |list: &serde_json::Value| {
+        list["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .map(|m| m["role"].as_str().unwrap().to_string())
+    };
+    assert_eq!(role(&list).as_deref(), Some("learner"), "{list}");
+
+    // Adding it again is refused, and changes nothing.
+    let err = failure(&client_with_token(
+        &cluster,
+        &["member", "add", &ids, "--addr", &addr, "--peer-addr", &peer],
+        Some(ADMIN_TOKEN),
+    ));
+    assert!(err.contains("ALREADY_EXISTS"), "{err}");
+
+    let promoted: serde_json::Value =
+        serde_json::from_str(&admin(&["member", "promote", &ids, "--json"])).unwrap();
+    assert_eq!(role(&promoted).as_deref(), Some("voter"), "{promoted}");
+    let status = stdout(&client(&cluster, &["status", "--json"]));
+    assert!(status.contains(&addr), "{status}");
+
+    let text = admin(&["member", "remove", &ids]);
+    assert!(text.starts_with(&format!("node {id} removed")), "{text}");
+    let list = member_list(&cluster);
+    assert_eq!(role(&list), None, "{list}");
+    assert_eq!(list["members"].as_array().unwrap().len(), 3, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_without_learner_answers_once_it_votes() {
+    let mut cluster = admin_cluster().await;
+    // Something for it to catch up on.
+    stdout(&client(&cluster, &["get-id", "--repeat", "20"]));
+    let id = cluster.add_nodes(1).unwrap()[0];
+    cluster.start_node(id).unwrap();
+    let (addr, peer) = (
+        cluster.node(id).addr.clone(),
+        cluster.node(id).peer_addr.clone(),
+    );
+    let out = client_with_token(
+        &cluster,
+        &[
+            "member",
+            "add",
+            &id.to_string(),
+            "--addr",
+            &addr,
+            "--peer-addr",
+            &peer,
+        ],
+        Some(ADMIN_TOKEN),
+    );
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("node {id} added as a voter")),
+        "{text}"
+    );
+    // The table that follows lists it, as the membership list does from now on.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains("voter")),
+        "{text}"
+    );
+    let list = member_list(&cluster);
+    let members = list["members"].as_array().unwrap();
+    assert_eq!(members.len(), 4, "{list}");
+    assert!(members.iter().all(|m| m["role"] == "voter"), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_primary_moves_it_to_the_voter_named() {
+    let cluster = admin_cluster().await;
+    let (_, primaries) = members_and_primary(&member_list(&cluster));
+    let from = primaries[0];
+    let to = if from == 1 { 2 } else { 1 };
+    // Straight to the primary: the client's part is the same either way, and a hand-over
+    // forwarded by a follower is at present carried out twice by the servers.
+    let primary = cluster.node(from).addr.clone();
+    let out = client_with_token(
+        &cluster,
+        &[
+            "--server",
+            &primary,
+            "transfer-primary",
+            "--to",
+            &to.to_string(),
+        ],
+        Some(ADMIN_TOKEN),
+    );
+    let text = stdout(&out);
+    let prefix = format!("primary moved from node {from} to node {to} in ");
+    let ms = text
+        .trim_end()
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix(" ms"))
+        .unwrap_or_else(|| panic!("{text}"));
+    ms.parse::<u32>().unwrap();
+    let (_, primaries) = members_and_primary(&member_list(&cluster));
+    assert_eq!(primaries, [to]);
+
+    // Without the token, refused.
+    let err = failure(&client(&cluster, &["transfer-primary", "--json"]));
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

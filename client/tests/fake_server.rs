@@ -5,8 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sequencer_client::pb::admin_server::{Admin, AdminServer};
 use sequencer_client::pb::cluster_server::{Cluster, ClusterServer};
 use sequencer_client::pb::tracker_server::{Tracker, TrackerServer};
+use sequencer_client::pb::{
+    AddMemberRequest, AdminListRequest, AdminListResponse, MembershipResponse,
+    PromoteMemberRequest, RemoveMemberRequest, TransferPrimaryRequest, TransferPrimaryResponse,
+};
 use sequencer_client::pb::{
     HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, LeaveRequest, LeaveResponse,
     ListGroupsRequest, ListGroupsResponse, ListMembersRequest, ListMembersResponse,
@@ -205,4 +210,181 @@ async fn a_stopped_keep_alive_sends_nothing_more() {
     eventually("a first heartbeat", || fake.heartbeats() >= 1).await;
     alive.stop().await;
     assert_no_more_heartbeats(&fake, Duration::from_millis(300), "stop").await;
+}
+
+/// The x-admin-token and grpc-timeout headers of one call.
+type Headers = (Option<String>, Option<String>);
+
+/// An Admin service that notes the admin token and grpc-timeout each call carried, and takes
+/// `delay` over AddMember (a learner catching up).
+#[derive(Clone, Default)]
+struct FakeAdmin {
+    delay: Duration,
+    /// The headers of each call, in order.
+    seen: Arc<std::sync::Mutex<Vec<Headers>>>,
+}
+
+impl FakeAdmin {
+    async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AdminServer::new(self.clone()))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    fn note<T>(&self, req: &Request<T>) {
+        let header = |name: &str| {
+            req.metadata()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        self.seen
+            .lock()
+            .unwrap()
+            .push((header("x-admin-token"), header("grpc-timeout")));
+    }
+
+    fn seen(&self) -> Vec<Headers> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn listing() -> MembershipResponse {
+        MembershipResponse {
+            members: Some(AdminListResponse {
+                primary: 1,
+                membership_index: 3,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for FakeAdmin {
+    async fn list_members(
+        &self,
+        req: Request<AdminListRequest>,
+    ) -> Result<Response<AdminListResponse>, Status> {
+        self.note(&req);
+        Ok(Response::new(FakeAdmin::listing().members.unwrap()))
+    }
+    async fn add_member(
+        &self,
+        req: Request<AddMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        self.note(&req);
+        tokio::time::sleep(self.delay).await;
+        Ok(Response::new(FakeAdmin::listing()))
+    }
+    async fn promote_member(
+        &self,
+        req: Request<PromoteMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        self.note(&req);
+        Ok(Response::new(FakeAdmin::listing()))
+    }
+    async fn remove_member(
+        &self,
+        req: Request<RemoveMemberRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        self.note(&req);
+        Err(Status::not_found(format!(
+            "node {} is not a member",
+            req.get_ref().id
+        )))
+    }
+    async fn transfer_primary(
+        &self,
+        req: Request<TransferPrimaryRequest>,
+    ) -> Result<Response<TransferPrimaryResponse>, Status> {
+        self.note(&req);
+        Ok(Response::new(TransferPrimaryResponse {
+            from: 1,
+            to: req.get_ref().to.max(2),
+            took_ms: 5,
+        }))
+    }
+}
+
+/// A grpc-timeout header's value, e.g. "119999875u", as a duration.
+fn grpc_timeout(v: &str) -> Duration {
+    let (n, unit) = v.split_at(v.len() - 1);
+    let n: u64 = n.parse().unwrap();
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => panic!("bad grpc-timeout {v}"),
+    }
+}
+
+#[tokio::test]
+async fn admin_calls_carry_the_token_and_their_two_minute_deadline() {
+    let fake = FakeAdmin::default();
+    let addr = fake.serve().await;
+    let plain = Client::new([addr.clone()]).unwrap();
+    plain.list_cluster_members().await.unwrap();
+    let admin = Client::new([addr.clone()])
+        .unwrap()
+        .with_admin_token("a-test-admin-token");
+    let r = admin
+        .add_member(4, "127.0.0.1:9", "127.0.0.1:10", true)
+        .await;
+    assert_eq!(r.unwrap().members.unwrap().membership_index, 3);
+    admin.promote_member(4).await.unwrap();
+    let e = admin.remove_member(9, false).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert_eq!(admin.transfer_primary(None).await.unwrap().to, 2);
+
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen[0].0, None, "a client without a token sent one");
+    for (token, _) in &seen[1..] {
+        assert_eq!(token.as_deref(), Some("a-test-admin-token"));
+    }
+    for (_, timeout) in &seen {
+        let t = grpc_timeout(timeout.as_deref().expect("a grpc-timeout"));
+        assert!(
+            (Duration::from_secs(110)..=Duration::from_secs(120)).contains(&t),
+            "{t:?}"
+        );
+    }
+
+    // A deadline the caller set holds for admin calls too.
+    let short = Client::new([addr])
+        .unwrap()
+        .with_deadline(Duration::from_secs(5));
+    short.list_cluster_members().await.unwrap();
+    let t = grpc_timeout(fake.seen().last().unwrap().1.as_deref().unwrap());
+    assert!(
+        t <= Duration::from_secs(5) && t > Duration::from_secs(4),
+        "{t:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_call_may_take_longer_than_the_rpc_timeout() {
+    let fake = FakeAdmin {
+        delay: Duration::from_secs(2),
+        ..Default::default()
+    };
+    // Other calls would be cut off after 1 s; adding a node takes 2.
+    let client = Client::new([fake.serve().await])
+        .unwrap()
+        .with_rpc_timeout(Duration::from_secs(1))
+        .unwrap()
+        .with_admin_token("t");
+    let started = Instant::now();
+    client
+        .add_member(4, "127.0.0.1:9", "127.0.0.1:10", false)
+        .await
+        .expect("an answer after 2 s");
+    assert!(started.elapsed() >= Duration::from_secs(2));
 }

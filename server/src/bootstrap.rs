@@ -11,14 +11,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use openraft::BasicNode;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::peer::messages::{self, Answer, Probe, ProbeReply};
+use crate::membership::join::Admission;
+use crate::peer::messages::{self, Answer, MembersSeen, Probe, ProbeReply};
 use crate::peer::PeerClients;
-use crate::raft::{NodeId, Raft};
+use crate::raft::{Member, NodeId, Raft};
 
 /// The members a bootstrap uses: the ids of every node of the config. Only ids: each node
 /// may reach its peers by names or proxies of its own.
@@ -35,15 +35,32 @@ pub async fn is_fresh(raft: &Raft) -> bool {
 }
 
 /// This node's answer to a peer's probe.
-pub async fn answer(id: NodeId, raft: &Raft, mine: &BTreeSet<NodeId>, probe: &Probe) -> ProbeReply {
-    let answer = if !is_fresh(raft).await {
-        Answer::HasState
+pub async fn answer(
+    id: NodeId,
+    raft: &Raft,
+    started: &BTreeSet<NodeId>,
+    mine: &BTreeSet<NodeId>,
+    probe: &Probe,
+) -> ProbeReply {
+    let (answer, members) = if !is_fresh(raft).await {
+        let view = crate::membership::View::of(raft);
+        let seen = MembersSeen {
+            index: view.index.unwrap_or(0),
+            learners: view.learners(),
+            voters: view.voters,
+            started: started.clone(),
+        };
+        (Answer::HasState, Some(seen))
     } else if probe.members != *mine {
-        Answer::OtherMembers
+        (Answer::OtherMembers, None)
     } else {
-        Answer::Fresh
+        (Answer::Fresh, None)
     };
-    ProbeReply { node: id, answer }
+    ProbeReply {
+        node: id,
+        answer,
+        members,
+    }
 }
 
 /// How often a waiting node asks again.
@@ -66,9 +83,11 @@ pub async fn run(
     raft: Raft,
     peers: PeerClients,
     members: BTreeSet<NodeId>,
+    admission: &Admission,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     if !is_fresh(&raft).await {
+        admission.admit();
         return Ok(());
     }
     let mut logged: Option<Waiting> = None;
@@ -96,14 +115,15 @@ pub async fn run(
                     None => None,
                 };
                 // An answer from another node than the one asked is no answer of `p`'s.
-                let answer = reply.map(|r| {
+                let answer = reply.as_ref().map(|r| {
                     if r.node == *p {
                         r.answer
                     } else {
                         Answer::OtherMembers
                     }
                 });
-                (*p, answer)
+                let seen = reply.and_then(|r| r.members);
+                (*p, answer, seen)
             }
         });
         let answers = tokio::select! {
@@ -112,10 +132,23 @@ pub async fn run(
         };
         let with_state: Vec<NodeId> = answers
             .iter()
-            .filter(|(_, a)| *a == Some(Answer::HasState))
-            .map(|(p, _)| *p)
+            .filter(|(_, a, _)| *a == Some(Answer::HasState))
+            .map(|(p, _, _)| *p)
             .collect();
+        // A peer that has just bootstrapped may not show its membership yet: ask again.
+        let newest = answers
+            .iter()
+            .filter_map(|(_, _, seen)| seen.as_ref())
+            .filter(|seen| !seen.voters.is_empty())
+            .max_by_key(|seen| seen.index);
+        if let Some(seen) = newest {
+            as_member_of(id, seen)?;
+            admission.admit();
+            return Ok(());
+        }
         if !with_state.is_empty() {
+            // Peers too old to say their membership: wait for the primary, as before.
+            admission.admit();
             tracing::info!(
                 node = id,
                 with_state = ?with_state,
@@ -129,13 +162,13 @@ pub async fn run(
         }
         let silent: Vec<NodeId> = answers
             .iter()
-            .filter(|(_, a)| a.is_none())
-            .map(|(p, _)| *p)
+            .filter(|(_, a, _)| a.is_none())
+            .map(|(p, _, _)| *p)
             .collect();
         let mismatch: Vec<NodeId> = answers
             .iter()
-            .filter(|(_, a)| *a == Some(Answer::OtherMembers))
-            .map(|(p, _)| *p)
+            .filter(|(_, a, _)| *a == Some(Answer::OtherMembers))
+            .map(|(p, _, _)| *p)
             .collect();
         let waiting = if !silent.is_empty() {
             Some(Waiting::Silent(silent))
@@ -145,6 +178,7 @@ pub async fn run(
             None
         };
         let Some(waiting) = waiting else {
+            admission.admit();
             return initialize(id, &raft, &members).await;
         };
         if logged.as_ref() != Some(&waiting) {
@@ -174,16 +208,44 @@ pub async fn run(
     }
 }
 
+/// A fresh node beside a cluster that exists: it may go on only as a learner the primary is
+/// catching up. A voter with an empty data dir has lost its vote and its log, and voting
+/// again could let a minority that lacks acknowledged entries elect a primary; a node the
+/// membership does not list would only campaign forever.
+fn as_member_of(id: NodeId, seen: &MembersSeen) -> Result<(), Error> {
+    let member = seen.learners.contains(&id) || seen.voters.contains(&id);
+    if member && (!seen.started.contains(&id) || seen.learners.contains(&id)) {
+        tracing::info!(
+            node = id,
+            "this node has an empty data dir and is a member that never ran (or a learner): \
+             it waits for the primary to catch it up"
+        );
+        return Ok(());
+    }
+    if seen.voters.contains(&id) {
+        return Err(Error::Refused(format!(
+            "node {id} has an empty data dir, but the cluster (voters {:?}) lists it as a \
+             voter that has run: its vote and log are lost, so it must not vote again. Remove \
+             it and join again (`client member remove {id}`, then `server --node {id} --join \
+             HOST:PORT`), or start it with `--rejoin HOST:PORT`, which does both",
+            seen.voters
+        )));
+    }
+    Err(Error::Refused(format!(
+        "node {id} has an empty data dir and the cluster of voters {:?} does not list it: \
+         start it with `--join HOST:PORT` (any member's client address) to add it",
+        seen.voters
+    )))
+}
+
 /// Writes the first membership. Every node that got the unanimous answer does it; one that
 /// has state meanwhile is refused, harmlessly. openraft gives every node's first entry the
 /// same log id, and Raft takes entries with one log id to be the same, so each node must
 /// write the very same entry: the member ids only, no addresses (each node's config may
 /// reach its peers by other names; the peer network dials what the config says).
 async fn initialize(id: NodeId, raft: &Raft, members: &BTreeSet<NodeId>) -> Result<(), Error> {
-    let nodes: BTreeMap<NodeId, BasicNode> = members
-        .iter()
-        .map(|id| (*id, BasicNode::default()))
-        .collect();
+    let nodes: BTreeMap<NodeId, Member> =
+        members.iter().map(|id| (*id, Member::default())).collect();
     match raft.initialize(nodes).await {
         Ok(()) => {
             tracing::info!(
@@ -246,14 +308,8 @@ mod tests {
         let probe = Probe {
             members: members(&config),
         };
-        let reply = answer(1, &raft, &members(&config), &probe).await;
-        assert_eq!(
-            reply,
-            ProbeReply {
-                node: 1,
-                answer: Answer::HasState
-            }
-        );
+        let reply = answer(1, &raft, &BTreeSet::new(), &members(&config), &probe).await;
+        assert_eq!((reply.node, reply.answer), (1, Answer::HasState));
         raft.shutdown().await.unwrap();
     }
 }

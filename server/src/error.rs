@@ -40,6 +40,25 @@ pub enum Error {
     /// Raft stopped on a failure (a full disk): the node exits.
     #[error("raft stopped: {0}")]
     RaftStopped(String),
+    /// The node may not start as asked (an empty data dir where the cluster counts on its
+    /// vote, a join the cluster refused): it exits and is not restarted.
+    #[error("{0}")]
+    Refused(String),
+    /// The admin credential is missing or wrong.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Admin calls are off: no admin credential is configured.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A membership call named something that exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The call does not fit the cluster's state now (a change in progress, a quorum that
+    /// would be lost).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A bug or a storage failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -69,9 +88,27 @@ impl From<Error> for Status {
             }
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::SlowSubscriber(_) => Code::ResourceExhausted,
-            Error::PeerUnauthenticated(_) => Code::Unauthenticated,
+            Error::PeerUnauthenticated(_) | Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::NotFound(_) => Code::NotFound,
+            Error::FailedPrecondition(_) | Error::Refused(_) => Code::FailedPrecondition,
             Error::Internal(_) | Error::Corrupt(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+impl From<crate::membership::ChangeError> for Error {
+    fn from(e: crate::membership::ChangeError) -> Error {
+        use crate::membership::ChangeError as C;
+        match e {
+            C::Invalid(m) => Error::InvalidArgument(m),
+            C::AlreadyExists(m) => Error::AlreadyExists(m),
+            C::NotFound(m) => Error::NotFound(m),
+            C::Precondition(m) => Error::FailedPrecondition(m),
+            C::NotPrimary => Error::Unavailable("the primary moved during the call".into()),
+            C::Unavailable(m) => Error::Unavailable(m),
+        }
     }
 }

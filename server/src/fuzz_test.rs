@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
-use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Vote};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, Vote};
 use proptest::prelude::*;
 use prost::Message;
 use sequencer_proto::v1 as pb;
@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::peer::messages::HeartbeatMsg;
 use crate::raft::codec::{decode, encode};
 use crate::raft::store::snapshot_file::{parse, SnapshotFile, SNAPSHOT_FILE};
-use crate::raft::{NodeId, TypeConfig};
+use crate::raft::{Member, NodeId, TypeConfig};
 use crate::state::{AllocRequest, Command, GroupLimits, SendRequest, State, Touched};
 
 fn corpus_dir(kind: &str) -> PathBuf {
@@ -307,7 +307,13 @@ fn log_id(term: u64, index: u64) -> LogId<NodeId> {
 fn seed_entries() -> Vec<Entry<TypeConfig>> {
     let mut members = std::collections::BTreeMap::new();
     for id in 1..=3u64 {
-        members.insert(id, BasicNode::new(format!("127.0.0.1:{}", 51050 + id)));
+        members.insert(
+            id,
+            Member {
+                addr: String::new(),
+                peer_addr: format!("127.0.0.1:{}", 51050 + id),
+            },
+        );
     }
     let mut entries = vec![
         Entry {

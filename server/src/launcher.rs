@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use sequencer_proto::v1::cluster_client::ClusterClient;
 use sequencer_proto::v1::StatusRequest;
-use sequencer_server::config::{Config, SECRET_FILE};
+use sequencer_server::config::{Config, ADMIN_TOKEN_FILE, SECRET_FILE};
 use sequencer_server::tls::{self, TlsMaterial};
 use sequencer_server::{pid_lock_holder, take_pid_lock, Lock, LOCK_FILE};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -217,11 +217,21 @@ fn refuse_node_dirs_in_use(config: &Config) -> anyhow::Result<()> {
 /// whole (a temp file, synced, linked into place, the dir synced), unless one is there
 /// already (a launcher that started at the same moment). Returns the file.
 pub fn make_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    make_secret_file(data_dir, SECRET_FILE, "the cluster secret")
+}
+
+/// Makes up the admin token in `data_dir/admin.token` (0600), unless one is there, where
+/// nodes and the local `client` read it.
+pub fn make_admin_token(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    make_secret_file(data_dir, ADMIN_TOKEN_FILE, "the admin token")
+}
+
+fn make_secret_file(data_dir: &Path, name: &str, what: &str) -> anyhow::Result<PathBuf> {
     let secret = random_secret()?;
     create_private_dir(data_dir)?;
-    let path = data_dir.join(SECRET_FILE);
+    let path = data_dir.join(name);
     // A name of our own: two launchers starting at once must not write one file.
-    let tmp = data_dir.join(format!("{SECRET_FILE}.{}.tmp", std::process::id()));
+    let tmp = data_dir.join(format!("{name}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         // Left by a launcher that died here; create_new then makes it ours, 0600.
         match std::fs::remove_file(&tmp) {
@@ -246,7 +256,7 @@ pub fn make_secret(data_dir: &Path) -> anyhow::Result<PathBuf> {
         }
         File::open(data_dir)?.sync_all()
     };
-    write().with_context(|| format!("writing the cluster secret to {}", path.display()))?;
+    write().with_context(|| format!("writing {what} to {}", path.display()))?;
     Ok(path)
 }
 

@@ -16,6 +16,7 @@ pub mod error;
 #[cfg(test)]
 mod fuzz_test;
 pub(crate) mod listener;
+pub(crate) mod membership;
 pub(crate) mod node;
 pub(crate) mod peer;
 pub mod raft;

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sequencer_server::config::{Config, ConfigError, Overrides};
+use sequencer_server::config::{Config, ConfigError, Entry, Overrides};
 use sequencer_server::{run, Listeners};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -36,6 +36,19 @@ struct Args {
     /// Overrides `worker_threads`: threads of this node's async runtime.
     #[arg(long)]
     worker_threads: Option<u32>,
+    /// With an empty data dir: ask the cluster at this client address (any member's) to add
+    /// this node, which catches up as a learner and then votes. Never bootstraps.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        requires = "node",
+        conflicts_with = "rejoin"
+    )]
+    join: Option<String>,
+    /// With an empty data dir, for a member whose disk was lost: remove its old self from the
+    /// cluster at this address, then join again.
+    #[arg(long, value_name = "HOST:PORT", requires = "node")]
+    rejoin: Option<String>,
 }
 
 /// The exit code of a bad config: the launcher does not restart a node that exits with it.
@@ -50,13 +63,28 @@ fn main() -> ExitCode {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("config.json"), false),
     };
-    let overrides = Overrides {
+    let mut overrides = Overrides {
         data_dir: args.data_dir.clone(),
         worker_threads: args.worker_threads,
+        servers: None,
     };
-    let config = match load_config(args.node.is_none(), &path, required, &overrides) {
+    let mut config = match load_config(args.node.is_none(), &path, required, &overrides) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let joining = args.join.is_some() || args.rejoin.is_some();
+    if let Some(id) = args.node.filter(|id| joining && config.node(*id).is_none()) {
+        // A node added to a shorthand config: its addresses follow the shorthand's rule.
+        overrides.servers = u32::try_from(id).ok();
+        config = match load_config(false, &path, required, &overrides) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+    }
+    config.entry = match (&args.join, &args.rejoin) {
+        (Some(via), _) => Entry::Join(via.clone()),
+        (None, Some(via)) => Entry::Rejoin(via.clone()),
+        (None, None) => Entry::Bootstrap,
     };
     let mut builder = match args.node {
         Some(_) => {
@@ -91,7 +119,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             say(format_args!("{e:#}"));
-            ExitCode::FAILURE
+            // A node refused its start (an empty data dir the cluster counts on): restarting
+            // it would be refused again, so the launcher must not.
+            match e.downcast_ref::<sequencer_server::Error>() {
+                Some(sequencer_server::Error::Refused(_)) => ExitCode::from(CONFIG_ERROR as u8),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -106,8 +139,21 @@ fn load_config(
     overrides: &Overrides,
 ) -> Result<Config, ExitCode> {
     let mut made_secret = false;
+    let mut made_token = false;
     loop {
         match Config::load(path, required, overrides) {
+            Ok(c) if launcher && c.admin_token.is_none() && !made_token => {
+                let file = launcher::make_admin_token(&c.data_dir).map_err(|e| {
+                    say(format_args!("{e:#}"));
+                    ExitCode::FAILURE
+                })?;
+                say(format_args!(
+                    "made up an admin token for membership changes, kept in {} (mode 0600); \
+                     `client` reads it there when run beside config.json",
+                    file.display()
+                ));
+                made_token = true;
+            }
             Ok(c) => return Ok(c),
             Err(ConfigError::NoSecret { data_dir, .. }) if launcher && !made_secret => {
                 let file = launcher::make_secret(&data_dir).map_err(|e| {

@@ -1,11 +1,11 @@
 //! One node: opens its store, joins Raft, and serves the client and peer listeners until told
 //! to stop. Listeners arrive already bound, so callers choose the ports (tests bind port 0).
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
 use sequencer_proto::peer::peer_server::PeerServer;
+use sequencer_proto::v1::admin_server::AdminServer;
 use sequencer_proto::v1::cluster_server::ClusterServer;
 use sequencer_proto::v1::messenger_server::MessengerServer;
 use sequencer_proto::v1::sequencer_server::SequencerServer;
@@ -16,16 +16,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
+use crate::api::admin::{AdminApi, Credentials};
 use crate::api::cluster::ClusterApi;
 use crate::api::health::watch_primary_until;
 use crate::api::messenger::MessengerApi;
 use crate::api::sequencer::SequencerApi;
 use crate::api::tracker::TrackerApi;
 use crate::bootstrap;
-use crate::config::Config;
+use crate::config::{Config, Entry};
 use crate::disk::DiskGuard;
 use crate::error::Error;
 use crate::listener::Incoming;
+use crate::membership::join::Admission;
+use crate::membership::transfer::{Handover, Transfer};
+use crate::membership::{join, Book, Membership};
 use crate::peer::{PeerClients, PeerService, RequireSecret, PEER_MESSAGE_LIMIT};
 use crate::raft::election::Election;
 use crate::raft::network::Network;
@@ -110,13 +114,29 @@ pub async fn run(
         config.raft.election_timeout_max,
         config.batching.request_timeout,
     );
+    let handover = Handover::default();
     let proposer = Proposer::new(
-        router,
+        router.clone(),
         raft.clone(),
         reader.clone(),
         config.batching.request_timeout,
         DiskGuard::new(&dir, config.disk_reserve_bytes),
+        handover.clone(),
     );
+    // The membership after bootstrap: the peer clients follow it, and the primary carries
+    // out membership changes and hand-overs.
+    let book = Book::new(id, raft.clone(), peers.clone(), &config);
+    tasks.spawn(book.clone().run(stop_peers.clone()));
+    let transfer = Transfer::new(
+        id,
+        raft.clone(),
+        book.clone(),
+        handover,
+        config.raft.election_timeout_max,
+    );
+    let membership = Membership::new(id, raft.clone(), book.clone(), transfer.clone());
+    let admission = Admission::default();
+    let (proposer_for_announce, reader_for_announce) = (proposer.clone(), reader.clone());
     // Batchers end once the client listener has stopped and dropped its handles.
     let mut batchers = JoinSet::new();
     let allocator = Allocator::start(
@@ -198,7 +218,7 @@ pub async fn run(
         .add_service(
             MessengerServer::new(MessengerApi::new(
                 sender,
-                reader,
+                reader.clone(),
                 proposer.clone(),
                 config.groups.max_payload_bytes,
                 crate::api::messenger::SubscriberLimits {
@@ -214,13 +234,24 @@ pub async fn run(
             .max_decoding_message_size(config.groups.max_payload_bytes as usize + small),
         )
         .add_service(
-            ClusterServer::new(ClusterApi::new(
+            ClusterServer::new(ClusterApi {
                 id,
-                raft.clone(),
-                commit,
-                peers,
-                config.nodes.clone(),
-            ))
+                raft: raft.clone(),
+                commit: commit.clone(),
+                book: book.clone(),
+            })
+            .max_decoding_message_size(small),
+        )
+        .add_service(
+            AdminServer::new(AdminApi {
+                router,
+                membership: membership.clone(),
+                credentials: Credentials {
+                    admin_token: config.admin_token.clone(),
+                    cluster_secret: config.cluster_secret.clone(),
+                    client_auth: config.tls.as_ref().is_some_and(|t| t.client_auth),
+                },
+            })
             .max_decoding_message_size(small),
         )
         .serve_with_incoming_shutdown(
@@ -235,6 +266,10 @@ pub async fn run(
                 proposer,
                 liveness,
                 election,
+                membership,
+                reader: reader.clone(),
+                log: journal.clone(),
+                admission: admission.clone(),
                 members: bootstrap::members(&config),
                 stopping: stop_peers.clone(),
             })
@@ -248,28 +283,45 @@ pub async fn run(
         );
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
-    // Fresh nodes ask their peers first: only a unanimous first start bootstraps a cluster.
-    tasks.spawn(bootstrap_task(
+    // How a fresh node enters: only a unanimous first start bootstraps a cluster, and a
+    // node joins one that exists only when asked to. A refusal stops the node.
+    let (refuse, refused) = tokio::sync::oneshot::channel();
+    tasks.spawn(entry_task(
         id,
+        config.clone(),
+        tls.clone(),
         raft.clone(),
         bootstrap_peers,
-        bootstrap::members(&config),
+        admission,
         // A stopping node bootstraps nothing: it stops Raft next.
+        stop_clients.clone(),
+        refuse,
+    ));
+    tasks.spawn(join::announce_started(
+        id,
+        raft.clone(),
+        proposer_for_announce,
+        reader_for_announce,
         stop_clients.clone(),
     ));
 
-    let failed = tokio::select! {
-        _ = shutdown => None,
-        why = raft_failed(raft.clone()) => Some(why),
+    let stopped = tokio::select! {
+        _ = shutdown => Stop::Asked,
+        why = raft_failed(raft.clone()) => Stop::RaftFailed(why),
+        Ok(why) = refused => Stop::Refused(why),
     };
-    match &failed {
-        None => tracing::info!(node = id, "shutting down"),
-        Some(why) => tracing::error!(
+    match &stopped {
+        Stop::Asked => {
+            tracing::info!(node = id, "shutting down");
+            hand_over_before_stopping(id, &raft, &transfer, &book).await;
+        }
+        Stop::RaftFailed(why) => tracing::error!(
             node = id,
             dir = %dir.display(),
             error = %why,
             "raft stopped; this node no longer serves and exits"
         ),
+        Stop::Refused(why) => tracing::error!(node = id, error = %why, "refusing to start"),
     }
     // Clients first: requests in flight still need the peer listener, to hear the entries they
     // wait for. Then Raft, then the peer listener, so this node starts no election on its way out.
@@ -287,9 +339,13 @@ pub async fn run(
     report(id, "peer", peer_task.await);
     tasks.close();
     tasks.wait().await;
-    if let Some(why) = failed {
+    match stopped {
         // A supervisor restarts a node that exits; a node left up without Raft serves nothing.
-        return Err(Error::RaftStopped(format!("{}: {why}", dir.display())));
+        Stop::RaftFailed(why) => {
+            return Err(Error::RaftStopped(format!("{}: {why}", dir.display())))
+        }
+        Stop::Refused(why) => return Err(Error::Refused(why)),
+        Stop::Asked => {}
     }
     tracing::info!(node = id, "stopped");
     Ok(())
@@ -312,15 +368,69 @@ async fn raft_failed(raft: Raft) -> String {
     }
 }
 
-async fn bootstrap_task(
+/// Why the node stops.
+enum Stop {
+    Asked,
+    RaftFailed(String),
+    Refused(String),
+}
+
+/// A primary asked to stop hands over first, so that stopping it costs no election.
+async fn hand_over_before_stopping(id: NodeId, raft: &Raft, transfer: &Transfer, book: &Book) {
+    if raft.metrics().borrow().current_leader != Some(id) {
+        return;
+    }
+    let view = book.view();
+    if view.voters.len() < 2 {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + HAND_OVER_ON_STOP;
+    match transfer.hand_over(&view, None, deadline).await {
+        Ok((to, took)) => tracing::info!(
+            node = id,
+            to,
+            took_ms = took.as_millis() as u64,
+            "handed the primary over before stopping"
+        ),
+        Err(e) => {
+            tracing::warn!(node = id, error = %e, "could not hand the primary over; stopping anyway")
+        }
+    }
+}
+
+/// How long a stopping primary tries to hand over.
+const HAND_OVER_ON_STOP: std::time::Duration = std::time::Duration::from_secs(3);
+
+#[allow(clippy::too_many_arguments)]
+async fn entry_task(
     id: NodeId,
+    config: Config,
+    tls: Option<TlsMaterial>,
     raft: Raft,
     peers: PeerClients,
-    members: BTreeSet<NodeId>,
+    admission: Admission,
     stop: CancellationToken,
+    refuse: tokio::sync::oneshot::Sender<String>,
 ) {
-    if let Err(e) = bootstrap::run(id, raft, peers, members, stop).await {
-        tracing::error!(node = id, error = %e, "bootstrapping a new cluster failed");
+    let tls = tls.as_ref();
+    let res = match &config.entry {
+        Entry::Bootstrap => {
+            let members = bootstrap::members(&config);
+            bootstrap::run(id, raft, peers, members, &admission, stop).await
+        }
+        Entry::Join(via) => {
+            join::run(id, &config, tls, &raft, (via, false), &admission, stop).await
+        }
+        Entry::Rejoin(via) => {
+            join::run(id, &config, tls, &raft, (via, true), &admission, stop).await
+        }
+    };
+    match res {
+        Ok(()) => {}
+        Err(Error::Refused(why)) => {
+            let _ = refuse.send(why);
+        }
+        Err(e) => tracing::error!(node = id, error = %e, "entering the cluster failed"),
     }
 }
 

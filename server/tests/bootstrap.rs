@@ -1,6 +1,8 @@
 //! A new cluster is bootstrapped only when every node of the config starts fresh. Fresh nodes
 //! that are only a majority of the config (a replaced disk beside nodes that are down, a
 //! config grown from 3 to 5) used to form a new, empty cluster and hand out ids from 1 again.
+//! Once the cluster answers, a fresh node that it lists as a voter that ran (its disk was
+//! lost) or does not list at all (a grown config) refuses to start, saying what to do.
 
 use std::time::Duration;
 
@@ -27,8 +29,16 @@ async fn stopped_after_100_ids() -> Cluster {
     assert_eq!(block.first, 1);
     // On every node, so whichever survives holds them.
     cluster.wait_current_id("default", 100).await.unwrap();
+    // Every node has run as a member: an empty data dir under its id is a lost disk.
+    cluster.wait_all_started().await.unwrap();
     cluster.kill_all();
     cluster
+}
+
+/// Node `id` refuses its start in one line that names `what` to do.
+async fn assert_refused(cluster: &mut Cluster, id: u64, what: &str) {
+    let line = cluster.wait_refused(id).await.unwrap();
+    assert!(line.contains(what), "node {id}: {line}");
 }
 
 /// Waits until node `id` answers Cluster.Status: its listeners are up.
@@ -85,16 +95,14 @@ async fn fresh_nodes_of_a_grown_config_never_bootstrap_a_second_cluster() {
     // The old members come back: the cluster they hold goes on, above every id handed out.
     cluster.start_node(1).unwrap();
     cluster.start_node(2).unwrap();
-    cluster.wait_for_primary_among(&[1, 2, 3]).await.unwrap();
-    let next = cluster.client_from(3).get_id("default").await.unwrap().id;
+    // Node 3 lost its vote with its disk, and nodes 4 and 5 were never added: each refuses,
+    // naming the command that fixes it.
+    assert_refused(&mut cluster, 3, "--rejoin").await;
+    assert_refused(&mut cluster, 4, "--join").await;
+    assert_refused(&mut cluster, 5, "--join").await;
+    cluster.wait_for_primary_among(&[1, 2]).await.unwrap();
+    let next = cluster.client_from(1).get_id("default").await.unwrap().id;
     assert!(next > 100, "id {next} was handed out before");
-    // Nodes 4 and 5 are not members of it, and still hand out nothing.
-    assert_no_ids_from(&cluster, &[4, 5]).await;
-    assert!(
-        cluster.log(4).contains("already holds a cluster's state"),
-        "{}",
-        cluster.log(4)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,11 +114,13 @@ async fn two_replaced_disks_never_bootstrap_while_the_third_node_is_down() {
     cluster.start_node(3).unwrap();
     assert_no_ids_from(&cluster, &[2, 3]).await;
 
-    // Node 1 holds the cluster: it comes back as its primary, and ids go on above 100.
+    // Node 1 holds the cluster. Nodes 2 and 3 lost their votes: they refuse rather than form
+    // a majority with it that lacks what they acknowledged, and node 1 alone hands out
+    // nothing (bringing back a cluster that lost its majority is a restore).
     cluster.start_node(1).unwrap();
-    cluster.wait_for_primary().await.unwrap();
-    let next = cluster.client_from(2).get_id("default").await.unwrap().id;
-    assert!(next > 100, "id {next} was handed out before");
+    assert_refused(&mut cluster, 2, "--rejoin").await;
+    assert_refused(&mut cluster, 3, "--rejoin").await;
+    assert_no_ids_from(&cluster, &[1]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -176,6 +176,11 @@ impl Cluster {
 
     /// Starts node `id` (`server --node id --config ...`), logging to its file.
     pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        self.start_node_with(id, &[])
+    }
+
+    /// Starts node `id` with more arguments (`--join HOST:PORT`, `--rejoin HOST:PORT`).
+    pub fn start_node_with(&mut self, id: u64, args: &[&str]) -> anyhow::Result<()> {
         let bin = self.server_bin.clone();
         let config = self.dir.path().join(format!("config-{id}.json"));
         let node = self.node_mut(id);
@@ -191,6 +196,7 @@ impl Cluster {
             .arg(id.to_string())
             .arg("--config")
             .arg(config)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),

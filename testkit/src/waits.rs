@@ -118,4 +118,41 @@ impl Cluster {
             }
         }
     }
+
+    /// Waits until node `id`'s log holds `needle`.
+    pub async fn wait_log(&self, id: u64, needle: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.log(id).contains(needle) {
+            if Instant::now() >= deadline {
+                bail!("node {id} never logged {needle:?}\n{}", self.log(id));
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until every node has announced that it runs as a member: from then on an empty
+    /// data dir under its id is a lost disk, which the cluster refuses.
+    pub async fn wait_all_started(&self) -> anyhow::Result<()> {
+        for id in self.running() {
+            self.wait_log(id, "announced this node as a started member")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for node `id` to refuse its start: it exits with the config-error code (2), and
+    /// the one line it says is returned.
+    pub async fn wait_refused(&mut self, id: u64) -> anyhow::Result<String> {
+        let status = self.wait_exit(id, Duration::from_secs(20)).await?;
+        let log = self.log(id);
+        if status.code() != Some(2) {
+            bail!("node {id} exited with {status}, not 2\n{log}");
+        }
+        let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("server:")).collect();
+        match lines.as_slice() {
+            [line] => Ok(line.to_string()),
+            _ => bail!("node {id} did not refuse in one line\n{log}"),
+        }
+    }
 }

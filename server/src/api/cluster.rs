@@ -7,38 +7,19 @@ use sequencer_proto::v1::{NodeStatus, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
 use super::wire_id;
-use crate::config::NodeConfig;
-use crate::peer::PeerClients;
+use crate::membership::Book;
 use crate::raft::store::CommitIndex;
-use crate::raft::{NodeId, Raft};
+use crate::raft::{Member, NodeId, Raft};
 
 /// How long Status waits for each peer's ping.
 const PING_TIMEOUT: Duration = Duration::from_millis(300);
 
+/// The Cluster service; the node builds it as a struct literal.
 pub struct ClusterApi {
-    id: NodeId,
-    raft: Raft,
-    commit: CommitIndex,
-    peers: PeerClients,
-    nodes: Vec<NodeConfig>,
-}
-
-impl ClusterApi {
-    pub fn new(
-        id: NodeId,
-        raft: Raft,
-        commit: CommitIndex,
-        peers: PeerClients,
-        nodes: Vec<NodeConfig>,
-    ) -> Self {
-        Self {
-            id,
-            raft,
-            commit,
-            peers,
-            nodes,
-        }
-    }
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+    pub(crate) commit: CommitIndex,
+    pub(crate) book: Book,
 }
 
 #[tonic::async_trait]
@@ -51,23 +32,41 @@ impl Cluster for ClusterApi {
         // A node whose Raft has stopped serves nothing, whatever it last heard.
         let stopped = m.running_state.is_err();
         let leader = if stopped { None } else { m.current_leader };
-        let pings = self.nodes.iter().map(|n| async move {
-            match self.peers.get(n.id) {
-                None => n.id == self.id,
+        let view = self.book.view();
+        // The members, then the config's entries the membership does not list (before the
+        // first membership, a fresh node lists its config).
+        let mut listed: Vec<(NodeId, Member, &str)> = view
+            .members
+            .iter()
+            .map(|(id, member)| {
+                let role = view.role(*id).map_or("learner", |r| r.name());
+                (*id, self.book.addresses(*id, Some(member)), role)
+            })
+            .collect();
+        for n in self.book.configured() {
+            if !view.members.contains_key(&n.id) {
+                let addrs = self.book.addresses(n.id, None);
+                listed.push((n.id, addrs, NOT_A_MEMBER));
+            }
+        }
+        listed.sort_by_key(|(id, _, _)| *id);
+        let pings = listed.iter().map(|(id, _, _)| async move {
+            match self.book.peers().get(*id) {
+                None => *id == self.id,
                 Some(p) => p.ping(PING_TIMEOUT).await.is_ok(),
             }
         });
         let reachable = futures::future::join_all(pings).await;
-        let nodes = self
-            .nodes
-            .iter()
+        let nodes = listed
+            .into_iter()
             .zip(reachable)
-            .map(|(n, reachable)| NodeStatus {
-                id: wire_id(n.id),
-                addr: n.addr.clone(),
-                peer_addr: n.peer_addr.clone(),
+            .map(|((id, member, role), reachable)| NodeStatus {
+                id: wire_id(id),
+                addr: member.addr,
+                peer_addr: member.peer_addr,
                 reachable,
-                primary: leader == Some(n.id),
+                primary: leader == Some(id),
+                role: role.into(),
             })
             .collect();
         Ok(Response::new(StatusResponse {
@@ -85,3 +84,6 @@ impl Cluster for ClusterApi {
         }))
     }
 }
+
+/// The role of a config entry the membership does not list.
+pub const NOT_A_MEMBER: &str = "not a member";

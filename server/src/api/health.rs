@@ -4,7 +4,9 @@
 
 use std::future::Future;
 
-use openraft::{BasicNode, RaftMetrics};
+use openraft::RaftMetrics;
+
+use crate::raft::Member;
 use sequencer_proto::v1::cluster_server::ClusterServer;
 use sequencer_proto::v1::messenger_server::MessengerServer;
 use sequencer_proto::v1::sequencer_server::SequencerServer;
@@ -48,7 +50,7 @@ pub async fn watch_primary_until(
     follow(id, raft.metrics(), &reporter, shutdown).await;
 }
 
-type Metrics = watch::Receiver<RaftMetrics<NodeId, BasicNode>>;
+type Metrics = watch::Receiver<RaftMetrics<NodeId, Member>>;
 
 async fn follow(
     id: NodeId,
@@ -161,7 +163,7 @@ mod tests {
     async fn serving(
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> (
-        watch::Sender<RaftMetrics<NodeId, BasicNode>>,
+        watch::Sender<RaftMetrics<NodeId, Member>>,
         HealthService,
         tokio::task::JoinHandle<()>,
     ) {

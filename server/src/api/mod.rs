@@ -1,6 +1,7 @@
 //! The public gRPC services, one file each, plus health. They validate input, call into the
 //! node, and turn [`crate::error::Error`] into a status through its one `From` impl.
 
+pub mod admin;
 pub mod cluster;
 pub mod health;
 pub mod messenger;

@@ -7,7 +7,7 @@ use figment::providers::{Env, Format, Json, Serialized};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use super::{Config, ConfigError, NodeConfig, Overrides, CLUSTER_SECRET_ENV};
+use super::{Config, ConfigError, NodeConfig, Overrides, ADMIN_TOKEN_ENV, CLUSTER_SECRET_ENV};
 use std::path::PathBuf;
 
 /// The raw, layered settings before validation.
@@ -52,6 +52,8 @@ pub(super) struct RawConfig {
     pub(super) disk_reserve_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) cluster_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) admin_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) tls_cert: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +103,7 @@ impl Default for RawConfig {
             max_subscribers_per_client: 16,
             disk_reserve_bytes: 128 * 1024 * 1024,
             cluster_secret: None,
+            admin_token: None,
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
@@ -133,7 +136,10 @@ impl Config {
             .extract()
             .map_err(|e| ConfigError::Invalid(one_line(e)))?;
         if raw.cluster_secret.is_none() {
-            raw.cluster_secret = launcher_secret(&raw.data_dir)?;
+            raw.cluster_secret = launcher_file(&raw.data_dir, SECRET_FILE)?;
+        }
+        if raw.admin_token.is_none() {
+            raw.admin_token = launcher_file(&raw.data_dir, ADMIN_TOKEN_FILE)?;
         }
         raw.validate()
     }
@@ -154,15 +160,19 @@ const ENV_PREFIX: &str = "SEQUENCER_";
 /// `SEQUENCER_*` variables that are not config keys: the secret (read verbatim below) and the
 /// client's own (`eval $(client register ...)` exports them into the shell that may start a
 /// server).
-const NOT_SERVER_KEYS: [&str; 3] = ["CLUSTER_SECRET", "CLIENT_ID", "TOKEN"];
+const NOT_SERVER_KEYS: [&str; 4] = ["CLUSTER_SECRET", "ADMIN_TOKEN", "CLIENT_ID", "TOKEN"];
 
 /// Where the one-command launcher keeps the cluster secret it made up, in `data_dir`, so that
 /// its next start and `server --node K` on the same dir use the same one.
 pub const SECRET_FILE: &str = "cluster.secret";
 
-/// The launcher's secret in `data_dir`, if it made one.
-fn launcher_secret(data_dir: &Path) -> Result<Option<String>, ConfigError> {
-    let path = data_dir.join(SECRET_FILE);
+/// Where the launcher keeps the admin token it made up, beside the cluster secret; the local
+/// `client` reads it there for admin calls.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// A secret the launcher made up in `data_dir`, if it did.
+fn launcher_file(data_dir: &Path, name: &str) -> Result<Option<String>, ConfigError> {
+    let path = data_dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(Some(text.trim().to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -173,11 +183,14 @@ fn launcher_secret(data_dir: &Path) -> Result<Option<String>, ConfigError> {
     }
 }
 
-/// `SEQUENCER_CLUSTER_SECRET`, verbatim, as a config layer.
+/// `SEQUENCER_CLUSTER_SECRET` and `SEQUENCER_ADMIN_TOKEN`, verbatim, as a config layer.
 fn secret_from_env() -> Serialized<std::collections::BTreeMap<&'static str, String>> {
     let mut layer = std::collections::BTreeMap::new();
     if let Ok(secret) = std::env::var(CLUSTER_SECRET_ENV) {
         layer.insert("cluster_secret", secret);
+    }
+    if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV) {
+        layer.insert("admin_token", token);
     }
     Serialized::defaults(layer)
 }

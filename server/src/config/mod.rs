@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use load::SECRET_FILE;
+pub use load::{ADMIN_TOKEN_FILE, SECRET_FILE};
+pub use validate::check_addr;
 
 /// A node of the cluster as the config describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +39,10 @@ pub struct Overrides {
     /// `--worker-threads`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<u32>,
+    /// With the shorthand config, `--node K --join` beyond `servers`: node K's addresses
+    /// follow the same rule (`base_port + K - 1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub servers: Option<u32>,
 }
 
 /// The validated configuration every part of the server reads.
@@ -56,6 +61,11 @@ pub struct Config {
     pub disk_reserve_bytes: u64,
     /// What every peer RPC must carry; always set when the cluster has more than one node.
     pub cluster_secret: Option<ClusterSecret>,
+    /// What admin calls (membership changes, transfer) must carry; `None`: they are refused,
+    /// unless a client certificate vouches for the caller (`tls_client_auth`).
+    pub admin_token: Option<ClusterSecret>,
+    /// How this node enters the cluster when its data dir is empty (a command-line choice).
+    pub entry: Entry,
     /// TLS on both listeners and between peers; `None`: plaintext.
     pub tls: Option<TlsFiles>,
     /// Threads of a node's async runtime; `None`: one per core, or, for nodes the launcher
@@ -163,6 +173,20 @@ impl std::fmt::Debug for ClusterSecret {
 
 /// The environment variable that carries the secret (also how the launcher hands it over).
 pub const CLUSTER_SECRET_ENV: &str = "SEQUENCER_CLUSTER_SECRET";
+/// The environment variable that carries the admin token.
+pub const ADMIN_TOKEN_ENV: &str = "SEQUENCER_ADMIN_TOKEN";
+
+/// How a node with an empty data dir enters a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Entry {
+    /// Bootstrap a new cluster with every node of the config, if all of them start fresh.
+    #[default]
+    Bootstrap,
+    /// Ask the cluster at this client address to add this node (`--join`).
+    Join(String),
+    /// Remove this node's old self from the cluster, then join (`--rejoin`).
+    Rejoin(String),
+}
 
 /// A configuration problem, phrased as one line naming the key.
 #[derive(Debug, thiserror::Error)]

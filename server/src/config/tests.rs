@@ -124,6 +124,7 @@ fn flags_override_everything() {
         let flags = Overrides {
             data_dir: Some("from-flag".into()),
             worker_threads: Some(1),
+            servers: None,
         };
         let c = Config::load(Path::new("config.json"), true, &flags).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("from-flag"));

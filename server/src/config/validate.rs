@@ -15,7 +15,7 @@ use crate::write::batch::MAX_BATCH_BYTES;
 /// `host:port`, where host is an IP address (IPv6 in brackets) or a DNS name. Names are
 /// resolved when connecting and binding, not here: a container that comes back with a new
 /// address is found again.
-fn check_addr(addr: &str) -> Result<(), String> {
+pub fn check_addr(addr: &str) -> Result<(), String> {
     if addr.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
@@ -44,6 +44,17 @@ fn check_host(host: &str) -> Result<(), String> {
         return Err(format!("`{host}` is neither an IP address nor a host name"));
     }
     Ok(())
+}
+
+/// A secret that travels as an HTTP/2 header: printable ASCII, and long enough not to guess.
+fn secret_value(key: &str, secret: String) -> Result<ClusterSecret, ConfigError> {
+    let printable = secret.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if !(16..=1024).contains(&secret.len()) || !printable {
+        return Err(ConfigError::Invalid(format!(
+            "key `{key}`: must be 16 to 1024 printable ASCII characters, no spaces"
+        )));
+    }
+    Ok(ClusterSecret(secret))
 }
 
 impl RawConfig {
@@ -233,17 +244,11 @@ impl RawConfig {
         }
         let cluster_secret = match self.cluster_secret {
             None => None,
-            Some(secret) => {
-                // It travels as an HTTP/2 header, so printable ASCII; long enough not to guess.
-                let printable = secret.bytes().all(|b| (0x21..=0x7e).contains(&b));
-                if !(16..=1024).contains(&secret.len()) || !printable {
-                    return err(
-                        "cluster_secret",
-                        "must be 16 to 1024 printable ASCII characters, no spaces".into(),
-                    );
-                }
-                Some(ClusterSecret(secret))
-            }
+            Some(secret) => Some(secret_value("cluster_secret", secret)?),
+        };
+        let admin_token = match self.admin_token {
+            None => None,
+            Some(token) => Some(secret_value("admin_token", token)?),
         };
         if self.max_subscribers == 0 {
             return err("max_subscribers", "must be at least 1".into());
@@ -373,6 +378,8 @@ impl RawConfig {
             },
             disk_reserve_bytes: self.disk_reserve_bytes,
             cluster_secret,
+            admin_token,
+            entry: super::Entry::default(),
             tls,
             worker_threads: self.worker_threads.map(|n| n as usize),
         })

@@ -60,6 +60,8 @@ impl PeerClient {
             PeerRpc::Heartbeat => grpc.heartbeat(request).await,
             PeerRpc::ReadIndex => grpc.read_index(request).await,
             PeerRpc::Bootstrap => grpc.bootstrap(request).await,
+            PeerRpc::Admin => grpc.admin(request).await,
+            PeerRpc::Campaign => grpc.campaign(request).await,
         };
         let msg = res.map_err(|s| self.status_error(s))?.into_inner();
         decode(&msg.data).map_err(|e| PeerError::Codec(self.target, e.to_string()))
@@ -306,6 +308,12 @@ mod tests {
             &self,
             _: Request<RaftMessage>,
         ) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn admin(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn campaign(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented(""))
         }
     }

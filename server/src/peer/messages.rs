@@ -14,6 +14,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::membership::{Call, ChangeError, Done};
 use crate::raft::{NodeId, TypeConfig};
 use crate::state::{Command, Rejected, Reply};
 
@@ -37,6 +38,8 @@ pub enum PeerRpc {
     Heartbeat,
     ReadIndex,
     Bootstrap,
+    Admin,
+    Campaign,
 }
 
 macro_rules! message {
@@ -84,6 +87,30 @@ message!(
     /// A fresh node asks whether this one ever held Raft state, before it bootstraps.
     Bootstrap: Probe => ProbeReply, unary Bootstrap
 );
+
+message!(
+    /// A membership call (list, add, promote, remove, transfer) passed on to the primary.
+    Admin: Call => AdminOutcome, unary Admin
+);
+message!(
+    /// The primary hands over: the target campaigns at once (Raft's TimeoutNow).
+    Campaign: CampaignRequest => CampaignReply, unary Campaign
+);
+
+/// The primary's answer to a forwarded membership call.
+pub type AdminOutcome = Result<Done, ChangeError>;
+
+/// Sent by the primary to the voter it hands over to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CampaignRequest {
+    pub from: NodeId,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum CampaignReply {
+    Started,
+    Refused(String),
+}
 
 /// A command committed and applied on the primary.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,10 +171,26 @@ pub struct Probe {
 
 /// A peer's answer to a [`Probe`], naming who gives it: two ids of a config that reach the
 /// same node (a typo, an alias) must not count as two fresh nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeReply {
     pub node: NodeId,
     pub answer: Answer,
+    /// With `HasState`: the membership the answering node has applied, so that a fresh node
+    /// learns whether it is (still) a member.
+    #[serde(default)]
+    pub members: Option<MembersSeen>,
+}
+
+/// A membership as one node has applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersSeen {
+    pub index: u64,
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// Members that have run and announced it: in the applied state, or in an entry of the
+    /// log not applied yet (a restarted node replays its log only once a primary is known).
+    #[serde(default)]
+    pub started: BTreeSet<NodeId>,
 }
 
 /// Whether the answering node is fresh.

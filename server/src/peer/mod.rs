@@ -10,6 +10,7 @@ mod service;
 pub use auth::RequireSecret;
 
 pub use client::{AppendStream, PeerClient, PeerClients, PeerError};
+pub(crate) use service::grpc_timeout;
 pub use service::PeerService;
 
 /// Largest peer message, both ways: a batch of log entries or a snapshot chunk, with room.

@@ -12,8 +12,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::messages::{self, Message};
 use crate::bootstrap;
+use crate::membership::join::Admission;
+use crate::membership::{transfer, Membership};
 use crate::raft::codec::{decode, encode};
 use crate::raft::election::Election;
+use crate::raft::state_machine::StateReader;
+use crate::raft::store::LogStore;
 use crate::raft::{NodeId, Raft};
 use crate::write::liveness::Liveness;
 use crate::write::proposer::Proposer;
@@ -26,6 +30,13 @@ pub struct PeerService {
     pub(crate) proposer: Proposer,
     pub(crate) liveness: Liveness,
     pub(crate) election: Election,
+    pub(crate) membership: Membership,
+    /// This node's applied state: which members have announced that they started.
+    pub(crate) reader: StateReader,
+    /// The log, for announcements not applied yet.
+    pub(crate) log: LogStore,
+    /// Raft traffic is refused until a fresh node knows it may take part.
+    pub(crate) admission: Admission,
     /// The members this node would bootstrap with, to compare with a fresh peer's.
     pub(crate) members: std::collections::BTreeSet<NodeId>,
     /// Turns true when the peer listener stops: open streams end then, or a graceful stop
@@ -34,6 +45,39 @@ pub struct PeerService {
 }
 
 impl PeerService {
+    /// The members that announced they run: applied here, or in the log beyond what is
+    /// applied (counted even if never committed: a node that tried to announce has run).
+    async fn started(&self) -> std::collections::BTreeSet<NodeId> {
+        use openraft::storage::RaftLogReader;
+        let mut started = self.reader.read(|a| a.state.started.clone());
+        let m = self.raft.metrics().borrow().clone();
+        let from = m.last_applied.map_or(0, |l| l.index + 1);
+        if let Some(to) = m.last_log_index.filter(|to| *to >= from) {
+            let mut log = self.log.clone();
+            if let Ok(entries) = log.try_get_log_entries(from..=to).await {
+                for e in entries {
+                    if let openraft::EntryPayload::Normal(crate::state::Command::Started { node }) =
+                        e.payload
+                    {
+                        started.insert(node);
+                    }
+                }
+            }
+        }
+        started
+    }
+
+    /// Refuses Raft traffic while a fresh node has not yet found out whether it may join.
+    fn admitted(&self) -> Result<(), Status> {
+        if self.admission.admitted() {
+            return Ok(());
+        }
+        Err(Status::unavailable(format!(
+            "node {} has an empty data dir and does not yet know whether it may take part",
+            self.id
+        )))
+    }
+
     /// A forwarded call's deadline: the forwarding node's, which its grpc-timeout carries,
     /// and never later than one of our own requests'.
     fn deadline<T>(&self, req: &Request<T>) -> Instant {
@@ -66,7 +110,7 @@ async fn append_entries(raft: &Raft, election: &Election, data: &[u8]) -> Result
 }
 
 /// The time left that a call's `grpc-timeout` header gives (gRPC's `<digits><unit>` form).
-fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+pub(crate) fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let value = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
@@ -92,6 +136,8 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<RaftMessage>>,
     ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        // Once admitted, a node stays so: checking at the stream's start covers its messages.
+        self.admitted()?;
         // One message at a time, in order: each answer follows its request on the stream.
         let state = (
             req.into_inner(),
@@ -118,6 +164,7 @@ impl Peer for PeerService {
     }
 
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.admitted()?;
         let req = parse::<messages::Vote>(req)?;
         let resp = self.raft.vote(req.clone()).await;
         self.election.vote_answered(&req, &resp);
@@ -128,6 +175,7 @@ impl Peer for PeerService {
         &self,
         req: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        self.admitted()?;
         let req = parse::<messages::InstallSnapshot>(req)?;
         let _leader = self.election.leader_message(req.vote.leader_id().term);
         reply::<messages::InstallSnapshot>(&self.raft.install_snapshot(req).await)
@@ -154,8 +202,21 @@ impl Peer for PeerService {
 
     async fn bootstrap(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let probe = parse::<messages::Bootstrap>(req)?;
-        let answer = bootstrap::answer(self.id, &self.raft, &self.members, &probe).await;
+        let started = self.started().await;
+        let answer = bootstrap::answer(self.id, &self.raft, &started, &self.members, &probe).await;
         reply::<messages::Bootstrap>(&answer)
+    }
+
+    async fn admin(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        // The forwarding node checked the caller; the secret proves the forwarding node.
+        let deadline = Instant::now() + crate::api::admin::deadline_of(&req);
+        let call = parse::<messages::Admin>(req)?;
+        reply::<messages::Admin>(&self.membership.here(&call, deadline).await)
+    }
+
+    async fn campaign(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let req = parse::<messages::Campaign>(req)?;
+        reply::<messages::Campaign>(&transfer::campaign(self.id, &self.raft, &req).await)
     }
 
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {

@@ -22,12 +22,39 @@ use crate::error::Error;
 use crate::state::{Command, Reply};
 
 openraft::declare_raft_types!(
-    /// Our Raft: commands and replies from `state`, u64 node ids, openraft's `BasicNode`
-    /// (holding the peer address) and in-memory snapshot cursors.
+    /// Our Raft: commands and replies from `state`, u64 node ids, [`Member`] for each node
+    /// of the membership, and in-memory snapshot cursors.
     pub TypeConfig:
         D = Command,
         R = Reply,
+        Node = Member,
 );
+
+/// What the Raft membership says of one node: where clients and peers reach it. The first
+/// membership holds ids only (every node must write the same entry, and each node's config
+/// may name its peers its own way); the first primary fills in addresses from its config.
+/// Entries written by openraft's `BasicNode` (`{"addr": ""}`) read as a member with empty
+/// addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    #[serde(default)]
+    pub addr: String,
+    #[serde(default)]
+    pub peer_addr: String,
+}
+
+impl Member {
+    /// Whether the membership knows where this node is.
+    pub fn has_addresses(&self) -> bool {
+        !self.addr.is_empty() && !self.peer_addr.is_empty()
+    }
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (peer {})", self.addr, self.peer_addr)
+    }
+}
 
 /// Node ids are the `id`s of config.json.
 pub type NodeId = u64;

@@ -8,9 +8,8 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 
-use super::{NodeId, TypeConfig};
+use super::{Member, NodeId, TypeConfig};
 use crate::peer::messages::{self, Unary};
 use crate::peer::{AppendStream, PeerClient, PeerClients, PeerError};
 
@@ -31,27 +30,45 @@ pub struct Connection {
     client: Option<PeerClient>,
     /// AppendEntries go over a stream; openraft sends them one at a time per connection.
     appends: Option<AppendStream>,
+    /// Looked up again while `client` is `None`: the peer may be dialed later.
+    peers: PeerClients,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Connection {
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> Connection {
+        // A member added a moment ago may not be dialed yet (the address book follows the
+        // applied membership): dial what the membership says.
+        if self.peers.get(target).is_none() && !node.peer_addr.is_empty() {
+            if let Err(e) = self.peers.add(target, &node.peer_addr) {
+                tracing::warn!(member = target, error = %e, "bad peer address in the membership");
+            }
+        }
         let client = self.peers.get(target);
         Connection {
             target,
             appends: client.as_ref().map(PeerClient::append_stream),
             client,
+            peers: self.peers.clone(),
         }
     }
 }
 
 impl Connection {
+    /// The client, looked up again if the peer was not dialed when this connection began.
+    fn refresh(&mut self) {
+        if self.client.is_none() {
+            self.client = self.peers.get(self.target);
+            self.appends = self.client.as_ref().map(PeerClient::append_stream);
+        }
+    }
+
     async fn send<M, Resp, E>(
         &self,
         req: &M::Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>>
     where
         M: Unary<Resp = Result<Resp, RaftError<NodeId, E>>>,
         E: std::error::Error,
@@ -63,7 +80,7 @@ impl Connection {
         self.answer(res)
     }
 
-    fn not_in_config<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
+    fn not_in_config<E: std::error::Error>(&self) -> RPCError<NodeId, Member, E> {
         let e = std::io::Error::other(format!("node {} is not in the config", self.target));
         RPCError::Unreachable(Unreachable::new(&e))
     }
@@ -72,7 +89,7 @@ impl Connection {
     fn answer<Resp, E: std::error::Error>(
         &self,
         res: Result<Result<Resp, RaftError<NodeId, E>>, PeerError>,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
+    ) -> Result<Resp, RPCError<NodeId, Member, RaftError<NodeId, E>>> {
         let res = res.map_err(|e| match e {
             PeerError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
             _ => RPCError::Network(NetworkError::new(&e)),
@@ -86,7 +103,8 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.refresh();
         let Some(appends) = self.appends.as_mut() else {
             return Err(self.not_in_config());
         };
@@ -102,8 +120,9 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        RPCError<NodeId, Member, RaftError<NodeId, InstallSnapshotError>>,
     > {
+        self.refresh();
         self.send::<messages::InstallSnapshot, _, _>(&req, &option)
             .await
     }
@@ -112,7 +131,8 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         req: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Member, RaftError<NodeId>>> {
+        self.refresh();
         self.send::<messages::Vote, _, _>(&req, &option).await
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageError,
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageError,
     StoredMembership,
 };
 use tokio::sync::{broadcast, watch};
@@ -19,11 +19,11 @@ use tokio::sync::{broadcast, watch};
 use super::codec::{decode, encode};
 use super::store::snapshot_file::{Meta, SnapshotFile, StoredSnapshot};
 use super::store::StoreError;
-use super::{LogId, NodeId, TypeConfig};
+use super::{LogId, Member, NodeId, TypeConfig};
 use crate::state::{Command, Reply, State};
 
 type StResult<T> = Result<T, StorageError<NodeId>>;
-type Membership = StoredMembership<NodeId, BasicNode>;
+type Membership = StoredMembership<NodeId, Member>;
 
 /// The state as of a log position.
 #[derive(Debug, Clone, Default)]

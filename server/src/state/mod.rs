@@ -66,6 +66,8 @@ pub enum Command {
         sends: Vec<SendRequest>,
         limits: GroupLimits,
     },
+    /// Node `node` runs as a member: from now on an empty data dir under its id is refused.
+    Started { node: u64 },
     /// The primary's failure detector removes clients that stopped sending heartbeats. Only
     /// the primary of `term` may have it committed: a deposed primary's stale verdict, if some
     /// node carries it into a later term, changes nothing.
@@ -153,6 +155,11 @@ pub struct State {
     pub sequences: Sequences,
     #[serde(default)]
     pub groups: Groups,
+    /// Nodes that have run as members and announced it (as etcd members publish themselves).
+    /// One of these that comes back with an empty data dir lost its vote and its log, and
+    /// is refused; a member that never started (a first start's late node) is not.
+    #[serde(default)]
+    pub started: std::collections::BTreeSet<u64>,
 }
 
 impl State {
@@ -194,6 +201,10 @@ impl State {
                 if *proposed_in == term {
                     g.fail(client_ids, limits, touched);
                 }
+                Reply::None
+            }
+            Command::Started { node } => {
+                self.started.insert(*node);
                 Reply::None
             }
             Command::Allocate {

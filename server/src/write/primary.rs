@@ -48,6 +48,8 @@ pub struct Router {
     forward_cap: Duration,
     /// request_timeout_ms, named when a call gives up.
     timeout: Duration,
+    /// Drop a forward in flight when the primary moves (see [`Router::patient`]).
+    follow_moves: bool,
 }
 
 impl Router {
@@ -64,6 +66,18 @@ impl Router {
             peers,
             forward_cap,
             timeout,
+            follow_moves: true,
+        }
+    }
+
+    /// The same route for calls that may rightly take long on the primary and may move it
+    /// themselves (a learner catching up, a hand-over): one forward may take `cap`, and is
+    /// not dropped when the primary moves, since its answer says what happened.
+    pub fn patient(&self, cap: Duration) -> Router {
+        Router {
+            forward_cap: cap,
+            follow_moves: false,
+            ..self.clone()
         }
     }
 
@@ -110,7 +124,7 @@ impl Router {
                             // An answer that is in wins over a move seen at the same time.
                             biased;
                             step = there(peer, wait) => step,
-                            to = self.primary_moves_from(p) => Step::Retry(format!(
+                            to = self.primary_moves_from(p), if self.follow_moves => Step::Retry(format!(
                                 "primary moved from node {p} to node {to} during the call"
                             )),
                         }

@@ -10,6 +10,7 @@ use tokio::time::{timeout_at, Instant};
 use super::primary::{peer_error, Router, Step};
 use crate::disk::DiskGuard;
 use crate::error::Error;
+use crate::membership::transfer::Handover;
 use crate::peer::messages::{self, Committed, ProposeOutcome, ReadIndexReply, ReadIndexRequest};
 use crate::raft::state_machine::StateReader;
 use crate::raft::{NodeId, Raft};
@@ -34,6 +35,8 @@ pub struct Proposer {
     timeout: Duration,
     /// Writes are refused while this node's disk is below its reserve.
     disk: DiskGuard,
+    /// Set while this primary hands over: new writes wait for the next primary.
+    handover: Handover,
 }
 
 impl Proposer {
@@ -43,6 +46,7 @@ impl Proposer {
         state: StateReader,
         timeout: Duration,
         disk: DiskGuard,
+        handover: Handover,
     ) -> Self {
         Self {
             router,
@@ -50,6 +54,7 @@ impl Proposer {
             state,
             timeout,
             disk,
+            handover,
         }
     }
 
@@ -219,6 +224,10 @@ impl Proposer {
     async fn propose_here(&self, command: Command, deadline: Instant) -> Step<Committed> {
         if let Err(e) = self.disk.check() {
             return Step::Fail(e);
+        }
+        if let Some(to) = self.handover.target() {
+            // Retried, here or by the forwarding node, at the next primary.
+            return Step::Retry(format!("the primary is handing over to node {to}"));
         }
         // Raft takes the entry on the first poll, before any timer: one proposed with no
         // time left could commit after its caller was told it failed.

@@ -16,5 +16,5 @@ mod suite_test;
 
 pub use datadir::DataDir;
 pub use error::StoreError;
-pub use log_store::CommitIndex;
+pub use log_store::{CommitIndex, LogStore};
 pub use open::open_store;

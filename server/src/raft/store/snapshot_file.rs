@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use openraft::{BasicNode, SnapshotMeta};
+use openraft::SnapshotMeta;
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -20,7 +20,7 @@ use super::datadir::{create_private, replace_durably};
 use super::log_store::LOG_FILE;
 use super::StoreError;
 use crate::raft::codec::{decode, encode};
-use crate::raft::{LogId, NodeId};
+use crate::raft::{LogId, Member, NodeId};
 
 /// The latest snapshot, a plain file of its own: in the log's redb file, writing a large
 /// snapshot held redb's one writer, and every append waited behind it.
@@ -31,7 +31,7 @@ const SUM_LEN: usize = 32;
 /// Bytes written between two flushes.
 const STEP: usize = 1 << 20;
 
-pub(crate) type Meta = SnapshotMeta<NodeId, BasicNode>;
+pub(crate) type Meta = SnapshotMeta<NodeId, Member>;
 
 /// A snapshot as stored: openraft's metadata and our encoded state.
 pub(crate) struct StoredSnapshot {
