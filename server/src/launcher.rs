@@ -12,8 +12,9 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use sequencer_proto::v1::admin_client::AdminClient;
 use sequencer_proto::v1::cluster_client::ClusterClient;
-use sequencer_proto::v1::StatusRequest;
+use sequencer_proto::v1::{AdminListRequest, AdminListResponse, StatusRequest};
 use sequencer_server::config::{Config, ADMIN_TOKEN_FILE, SECRET_FILE};
 use sequencer_server::tls::{self, TlsMaterial};
 use sequencer_server::{pid_lock_holder, take_pid_lock, Lock, LOCK_FILE};
@@ -71,10 +72,12 @@ pub async fn run(
         args.extend(["--data-dir".into(), dir.into()]);
     }
     args.extend(["--worker-threads".into(), threads.to_string().into()]);
+    let joins = joins_for(config);
     let spawner = Spawner {
         exe,
         args,
         launcher: std::process::id() as libc::pid_t,
+        joins,
     };
 
     let mut output = JoinSet::new();
@@ -115,6 +118,8 @@ struct Spawner {
     args: Vec<OsString>,
     /// Our pid, taken before any fork.
     launcher: libc::pid_t,
+    /// Nodes with an empty data dir beside a cluster that exists, and where they join it.
+    joins: std::collections::BTreeMap<u64, String>,
 }
 
 impl Spawner {
@@ -122,6 +127,10 @@ impl Spawner {
     fn spawn(&self, id: u64, output: &mut JoinSet<()>) -> anyhow::Result<Child> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--node").arg(id.to_string()).args(&self.args);
+        // Harmless on later starts: a node that holds state has nothing to join.
+        if let Some(via) = self.joins.get(&id) {
+            cmd.arg("--join").arg(via);
+        }
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -135,6 +144,32 @@ impl Spawner {
         }
         Ok(child)
     }
+}
+
+/// A config grown beside data dirs that exist: the nodes with an empty data dir join the
+/// cluster those hold (learner, catch up, voter) instead of waiting for a bootstrap that never
+/// comes. When every data dir is empty, the first start bootstraps as usual.
+fn joins_for(config: &Config) -> std::collections::BTreeMap<u64, String> {
+    let holds_state = |id: u64| {
+        std::fs::read_dir(config.node_dir(id)).is_ok_and(|mut entries| entries.next().is_some())
+    };
+    let Some(via) = config.nodes.iter().find(|n| holds_state(n.id)) else {
+        return Default::default();
+    };
+    let joins: std::collections::BTreeMap<u64, String> = config
+        .nodes
+        .iter()
+        .filter(|n| !holds_state(n.id))
+        .map(|n| (n.id, via.addr.clone()))
+        .collect();
+    for id in joins.keys() {
+        say(format_args!(
+            "node {id} has an empty data dir beside a cluster that exists: starting it with \
+             --join {} (it catches up as a learner, then votes)",
+            via.addr
+        ));
+    }
+    joins
 }
 
 /// SIGTERM to the child when the launcher dies, even by SIGKILL, so that no node is left
@@ -275,14 +310,26 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     // One listener for both phases, so that no signal falls between them.
     let mut shutdown = std::pin::pin!(crate::shutdown_signal());
-    let primary = tokio::select! {
-        p = wait_for_primary(config) => p?,
-        (i, status) = next_exit(children) => {
-            bail!("node {} exited ({status}) while the cluster was starting", children[i].id)
+    let mut expected: Vec<u64> = children.iter().map(|c| c.id).collect();
+    let primary = loop {
+        tokio::select! {
+            p = wait_for_primary(config, &expected) => break p?,
+            (i, status) = next_exit(children) => {
+                let id = children[i].id;
+                // A node that refuses its start (its data dir lost, not a member) says why
+                // in its own line; the others go on.
+                if status.code() == Some(crate::CONFIG_ERROR) && expected.len() > 1 {
+                    say(format_args!("node {id} refused to start ({status}); not restarting it"));
+                    expected.retain(|e| *e != id);
+                    continue;
+                }
+                bail!("node {id} exited ({status}) while the cluster was starting")
+            }
+            _ = &mut shutdown => return Ok(()),
         }
-        _ = &mut shutdown => return Ok(()),
     };
-    print_table(config, primary);
+    let members = members_seen_by(config, primary).await;
+    print_table(config, primary, members.as_ref());
     // A node that dies later is started again; the others serve on meanwhile.
     loop {
         let event = tokio::select! {
@@ -382,20 +429,24 @@ async fn next_event(children: &mut [ChildNode]) -> Event {
     }
 }
 
-/// Polls every node's Cluster.Status until all of them name the same primary.
-async fn wait_for_primary(config: &Config) -> anyhow::Result<u64> {
+/// Polls the Cluster.Status of every node in `ids` until all of them name the same primary.
+async fn wait_for_primary(config: &Config, ids: &[u64]) -> anyhow::Result<u64> {
     let deadline = Instant::now() + START_DEADLINE;
     // Over TLS when the nodes use it, showing each node's own certificate (this host has
     // every node's files), which also passes `tls_client_auth`. Read once, not every poll.
-    let tls = config
+    let nodes: Vec<_> = config
         .nodes
+        .iter()
+        .filter(|n| ids.contains(&n.id))
+        .collect();
+    let tls = nodes
         .iter()
         .map(|n| TlsMaterial::load(config, n.id))
         .collect::<Result<Vec<_>, _>>()
         .context("reading TLS files")?;
     loop {
         let mut seen = Vec::new();
-        for (node, tls) in config.nodes.iter().zip(&tls) {
+        for (node, tls) in nodes.iter().zip(&tls) {
             seen.push(primary_seen_by(&node.addr, tls.as_ref()).await);
         }
         if let Some(Some(p)) = seen.first() {
@@ -423,16 +474,62 @@ async fn primary_seen_by(addr: &str, tls: Option<&TlsMaterial>) -> Option<u64> {
     timeout(Duration::from_secs(1), call).await.ok().flatten()
 }
 
-fn print_table(config: &Config, primary: u64) {
+/// The membership as the primary lists it (None if it does not answer).
+async fn members_seen_by(config: &Config, primary: u64) -> Option<AdminListResponse> {
+    let node = config.node(primary)?;
+    let tls = TlsMaterial::load(config, primary).ok()?;
+    let call = async {
+        let channel = tls::endpoint(&node.addr, tls.as_ref())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let list = AdminClient::new(channel)
+            .list_members(AdminListRequest {})
+            .await
+            .ok()?;
+        Some(list.into_inner())
+    };
+    timeout(Duration::from_secs(5), call).await.ok().flatten()
+}
+
+fn print_table(config: &Config, primary: u64, members: Option<&AdminListResponse>) {
     // A closed stdout must not stop the launcher (println! would panic).
     let mut out = std::io::stdout().lock();
+    let role_of = |id: u64| -> &str {
+        match members {
+            None => "",
+            Some(m) => m
+                .members
+                .iter()
+                .find(|c| u64::from(c.id) == id)
+                .map_or("not a member", |c| c.role.as_str()),
+        }
+    };
     for n in &config.nodes {
-        let role = if n.id == primary { "  primary" } else { "" };
+        let primary = if n.id == primary { "  primary" } else { "" };
+        let role = role_of(n.id);
+        let role = if role.is_empty() {
+            String::new()
+        } else {
+            format!("  {role}")
+        };
         let _ = writeln!(
             out,
-            "node {}  client {}  peer {}{role}",
+            "node {}  client {}  peer {}{role}{primary}",
             n.id, n.addr, n.peer_addr
         );
+    }
+    // Shrinking config.json removes nobody: say who it no longer lists, and how to remove them.
+    for m in members.map_or(&[][..], |m| &m.members[..]) {
+        if config.node(u64::from(m.id)).is_none() {
+            let _ = writeln!(
+                out,
+                "node {}  client {}  peer {}  {}: config.json does not list it, but it stays a \
+                 member; remove it with `client member remove {}`",
+                m.id, m.addr, m.peer_addr, m.role, m.id
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -577,3 +577,64 @@ fn a_node_raises_its_open_files_limit_to_the_hard_limit_and_says_so() {
     assert_eq!(open_files_limits(node.pid()), (hard, hard));
     assert!(node.stop().success());
 }
+
+/// `nodes` of 5 over the same ports as the first 3 of `config`, and two new ones.
+fn grown(dir: &Path, config: &serde_json::Value, n: usize) -> serde_json::Value {
+    let mut grown = config.clone();
+    let more = testkit::nodes_config(dir, n).unwrap();
+    let nodes = grown["nodes"].as_array_mut().unwrap();
+    let have = nodes.len();
+    for (i, extra) in more["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .skip(have)
+    {
+        let mut node = extra.clone();
+        node["id"] = (i + 1).into();
+        nodes.push(node);
+    }
+    nodes.truncate(n);
+    std::fs::write(dir.join("config.json"), grown.to_string()).unwrap();
+    grown
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_config_joins_its_new_nodes_and_a_shrunk_one_names_who_stays_a_member() {
+    let (dir, config, mut first) = three_nodes_ready();
+    let before = get_id_through(&addr(&config, 1)).await;
+    first.guard.stop();
+
+    // config.json from 3 to 5: nodes 4 and 5 join the cluster the others hold, and vote.
+    let five = grown(dir.path(), &config, 5);
+    let mut second = Launcher::ready(dir.path());
+    for id in [4, 5] {
+        assert!(
+            second.wait_line(&[&format!("node {id} has an empty data dir"), "--join"]),
+            "{:#?}",
+            second.seen
+        );
+        assert!(
+            second.wait_line(&[&format!("node {id}  client"), "voter"]),
+            "{:#?}",
+            second.seen
+        );
+    }
+    let next = get_id_through(&addr(&five, 5)).await;
+    assert!(
+        next > before,
+        "node 5 handed out {next}, at or below {before}"
+    );
+    second.guard.stop();
+
+    // Back to 4: node 5 stays a member, and the launcher says how to remove it.
+    grown(dir.path(), &config, 4);
+    let mut third = Launcher::ready(dir.path());
+    assert!(
+        third.wait_line(&["node 5", "does not list it", "client member remove 5"]),
+        "{:#?}",
+        third.seen
+    );
+    third.guard.stop();
+}

@@ -174,14 +174,25 @@ where
             res = call() => res,
             _ = stop.cancelled() => return Err(tonic::Status::cancelled("the node is stopping")),
         };
+        // Another change runs (nodes joining together): one at a time, so wait our turn.
+        let busy = s_busy(&res);
         match res {
-            Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < give_up => {
-                tracing::info!(error = %s.message(), "the cluster cannot answer yet; trying again");
+            Err(s)
+                if (s.code() == Code::Unavailable || busy)
+                    && tokio::time::Instant::now() < give_up =>
+            {
+                tracing::info!(error = %s.message(), "the cluster cannot take this yet; trying again");
                 tokio::time::sleep(RETRY).await;
             }
             other => return other,
         }
     }
+}
+
+/// Refused only because another membership change is under way.
+fn s_busy(res: &Result<(), tonic::Status>) -> bool {
+    matches!(res, Err(s) if s.code() == Code::FailedPrecondition
+        && (s.message().contains("in progress") || s.message().contains("half done")))
 }
 
 fn refused(id: NodeId, via: &str, what: &str, s: &tonic::Status) -> Error {
