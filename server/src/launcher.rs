@@ -72,7 +72,7 @@ pub async fn run(
         args.extend(["--data-dir".into(), dir.into()]);
     }
     args.extend(["--worker-threads".into(), threads.to_string().into()]);
-    let joins = joins_for(config);
+    let (joins, fresh) = joins_for(config);
     let spawner = Spawner {
         exe,
         args,
@@ -100,7 +100,7 @@ pub async fn run(
         }
     }
     if result.is_ok() {
-        result = supervise(config, &spawner, &mut children, &mut output).await;
+        result = supervise(config, &spawner, &fresh, &mut children, &mut output).await;
     }
     stop_all(&mut children).await;
     // The children are gone and their pipes closed: the copiers have the last lines.
@@ -148,28 +148,32 @@ impl Spawner {
 
 /// A config grown beside data dirs that exist: the nodes with an empty data dir join the
 /// cluster those hold (learner, catch up, voter) instead of waiting for a bootstrap that never
-/// comes. When every data dir is empty, the first start bootstraps as usual.
-fn joins_for(config: &Config) -> std::collections::BTreeMap<u64, String> {
-    let holds_state = |id: u64| {
+/// comes. When every data dir is empty, the first start bootstraps as usual. (A node whose
+/// dir has files but no Raft state, one refused before, is started plainly and refused
+/// again, naming --join: a dir with files could as well be a first start cut short, which
+/// must bootstrap.)
+fn joins_for(config: &Config) -> (std::collections::BTreeMap<u64, String>, Vec<u64>) {
+    let holds_files = |id: u64| {
         std::fs::read_dir(config.node_dir(id)).is_ok_and(|mut entries| entries.next().is_some())
     };
-    let Some(via) = config.nodes.iter().find(|n| holds_state(n.id)) else {
+    let Some(via) = config.nodes.iter().find(|n| holds_files(n.id)) else {
         return Default::default();
     };
-    let joins: std::collections::BTreeMap<u64, String> = config
+    let fresh: Vec<u64> = config
         .nodes
         .iter()
-        .filter(|n| !holds_state(n.id))
-        .map(|n| (n.id, via.addr.clone()))
+        .filter(|n| !holds_files(n.id))
+        .map(|n| n.id)
         .collect();
-    for id in joins.keys() {
+    let joins = fresh.iter().map(|id| (*id, via.addr.clone())).collect();
+    for id in &fresh {
         say(format_args!(
             "node {id} has an empty data dir beside a cluster that exists: starting it with \
              --join {} (it catches up as a learner, then votes)",
             via.addr
         ));
     }
-    joins
+    (joins, fresh)
 }
 
 /// SIGTERM to the child when the launcher dies, even by SIGKILL, so that no node is left
@@ -305,6 +309,7 @@ fn random_secret() -> anyhow::Result<String> {
 async fn supervise(
     config: &Config,
     spawner: &Spawner,
+    joining: &[u64],
     children: &mut [ChildNode],
     output: &mut JoinSet<()>,
 ) -> anyhow::Result<()> {
@@ -328,7 +333,7 @@ async fn supervise(
             _ = &mut shutdown => return Ok(()),
         }
     };
-    let members = members_seen_by(config, primary).await;
+    let members = joined(config, primary, joining, &expected).await;
     print_table(config, primary, members.as_ref());
     // A node that dies later is started again; the others serve on meanwhile.
     loop {
@@ -472,6 +477,35 @@ async fn primary_seen_by(addr: &str, tls: Option<&TlsMaterial>) -> Option<u64> {
         (status.primary != 0).then_some(u64::from(status.primary))
     };
     timeout(Duration::from_secs(1), call).await.ok().flatten()
+}
+
+/// The membership once every node in `joining` that still runs is a voter (or the start
+/// deadline passed): the table then shows what the join came to.
+async fn joined(
+    config: &Config,
+    primary: u64,
+    joining: &[u64],
+    running: &[u64],
+) -> Option<AdminListResponse> {
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let members = members_seen_by(config, primary).await;
+        let voter = |id: &u64| {
+            members.as_ref().is_some_and(|m| {
+                m.members
+                    .iter()
+                    .any(|c| u64::from(c.id) == *id && c.role == "voter")
+            })
+        };
+        let waiting = joining
+            .iter()
+            .filter(|id| running.contains(id))
+            .any(|id| !voter(id));
+        if !waiting || Instant::now() >= deadline {
+            return members;
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The membership as the primary lists it (None if it does not answer).

@@ -127,15 +127,28 @@ pub async fn run(
     // out membership changes and hand-overs.
     let book = Book::new(id, raft.clone(), peers.clone(), &config);
     tasks.spawn(book.clone().run(stop_peers.clone()));
+    let election = Election::new(id, raft.clone(), &config.raft, tasks.clone());
     let transfer = Transfer::new(
         id,
         raft.clone(),
+        election.clone(),
         book.clone(),
         handover,
         config.raft.election_timeout_max,
     );
-    let membership = Membership::new(id, raft.clone(), book.clone(), transfer.clone());
+    let membership = Membership::new(
+        id,
+        raft.clone(),
+        book.clone(),
+        transfer.clone(),
+        reader.clone(),
+    );
+    tasks.spawn(membership.clone().tend(stop_clients.clone()));
     let admission = Admission::default();
+    // A node that holds Raft state takes part at once; only a fresh one waits to be told.
+    if !bootstrap::is_fresh(&raft).await {
+        admission.admit();
+    }
     let (proposer_for_announce, reader_for_announce) = (proposer.clone(), reader.clone());
     // Batchers end once the client listener has stopped and dropped its handles.
     let mut batchers = JoinSet::new();
@@ -167,7 +180,6 @@ pub async fn run(
             .run_detector(config.groups.limits, stop_peers.clone()),
     );
 
-    let election = Election::new(id, raft.clone(), &config.raft, tasks.clone());
     // Stops with the client listener, so a stopping node starts no election.
     tasks.spawn(election.clone().run(stop_clients.clone()));
 

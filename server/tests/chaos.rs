@@ -4,6 +4,7 @@
 //! long each scenario keeps injecting faults.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use testkit::checker::check;
@@ -12,6 +13,8 @@ use testkit::workload::Workload;
 use testkit::Cluster;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
+/// Membership churn changes the membership through the Admin service.
+const ADMIN_TOKEN: &str = "a-test-admin-token-0123";
 
 /// Scenarios run one at a time: on 2 cores, overlapping ones would distort the figures.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -30,7 +33,7 @@ async fn run_for(d: Duration) {
 }
 
 async fn cluster(proxies: bool) -> Cluster {
-    let mut b = Cluster::builder(SERVER);
+    let mut b = Cluster::builder(SERVER).set("admin_token", ADMIN_TOKEN);
     if proxies {
         b = b.with_proxies();
     }
@@ -114,6 +117,7 @@ enum Fault {
     PausePrimary,
     PartitionPrimary,
     PartitionFollower,
+    MembershipChurn,
 }
 
 impl Fault {
@@ -125,6 +129,7 @@ impl Fault {
             Fault::PausePrimary => "pause-primary",
             Fault::PartitionPrimary => "partition-primary",
             Fault::PartitionFollower => "partition-follower",
+            Fault::MembershipChurn => "membership-churn",
         }
     }
 
@@ -183,8 +188,34 @@ impl Fault {
                 let heal = |c: &mut Cluster, _| c.heal();
                 follower_away(c, w, isolate, Duration::from_millis(1000), heal).await;
             }
+            Fault::MembershipChurn => churn(c, w).await,
         }
     }
+}
+
+/// How many churn rounds ran, to take turns between the two ways of losing a disk.
+static CHURNS: AtomicUsize = AtomicUsize::new(0);
+
+/// A follower loses its disk and comes back under its id with `--rejoin`: every other round
+/// it is removed (RemoveMember) first and then killed, else killed and left to `--rejoin` to
+/// remove its old self. Waits until it is a voter again on every node and has caught up.
+async fn churn(c: &mut Cluster, w: &mut Workload) {
+    let round = CHURNS.fetch_add(1, Ordering::Relaxed);
+    let p = c.wait_for_primary().await.unwrap();
+    let rest = others(c, p);
+    let f = rest[round % rest.len()];
+    w.fault();
+    if round.is_multiple_of(2) {
+        let res = c.admin(p).remove(f, false).await;
+        assert!(res.is_ok(), "removing node {f}: {res:?}");
+        c.wait_members(&others(c, f), &[]).await.unwrap();
+    }
+    c.kill(f);
+    c.wipe(f).unwrap();
+    let via = c.node(p).addr.clone();
+    c.start_node_with(f, &["--rejoin", &via]).unwrap();
+    c.wait_members(&c.ids(), &[]).await.unwrap();
+    c.wait_caught_up(p, f).await.unwrap();
 }
 
 /// Every node but `p`.
@@ -247,6 +278,7 @@ scenario_tests! {
     pause_primary: Fault::PausePrimary,
     partition_primary: Fault::PartitionPrimary,
     partition_follower: Fault::PartitionFollower,
+    membership_churn: Fault::MembershipChurn,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,6 +14,8 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+mod common;
+
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 const TOKEN: &str = "a-test-admin-token-0123";
 
@@ -374,6 +376,12 @@ async fn bad_membership_calls_are_refused_and_change_nothing() {
     let e = code(admin.remove(others[0] as u32, false).await);
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("--force"), "{e}");
+    // Nor can the primary be handed to a voter that does not answer.
+    let e = admin.transfer(others[1] as u32).await.unwrap_err();
+    assert!(
+        e.code() == Code::FailedPrecondition && e.message().contains("does not answer"),
+        "{e}"
+    );
     assert_eq!(roles(&admin.list().await.unwrap()), before);
 }
 
@@ -400,4 +408,97 @@ async fn the_last_voter_cannot_be_removed() {
     let e = admin.remove(1, true).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("last voter"), "{e}");
+}
+
+/// A node with an empty data dir takes no Raft traffic until it knows it may: otherwise a
+/// primary would refill the log of a voter that lost its disk, or it would vote, before it
+/// could be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_node_takes_no_raft_traffic_until_it_knows_it_may() {
+    let mut cluster = three_nodes(&[]).await;
+    cluster.wait_all_started().await.unwrap();
+    cluster.kill_all();
+    cluster.wipe(3).unwrap();
+    // Alone, node 3 cannot find out yet: its peers are down.
+    cluster.start_node(3).unwrap();
+    cluster.wait_log(3, "do not answer yet").await.unwrap();
+    let vote = openraft::raft::VoteRequest::<u64>::new(openraft::Vote::new(9, 1), None);
+    let mut peer = common::peer_client(&cluster.node(3).peer_addr).await;
+    let data = serde_json::to_vec(&vote).unwrap();
+    let e = peer
+        .vote(common::message(&data, cluster.cluster_secret()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("does not yet know"), "{e}");
+
+    // Once the others answer, it refuses: it lost the vote it gave as a member.
+    cluster.start_node(1).unwrap();
+    cluster.start_node(2).unwrap();
+    let line = cluster.wait_refused(3).await.unwrap();
+    assert!(line.contains("--rejoin"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_from_the_operators_side_then_started_with_join_becomes_a_voter() {
+    let mut cluster = three_nodes(&[]).await;
+    let added = cluster.add_nodes(1).unwrap()[0];
+    let (addr, peer_addr) = (
+        cluster.node(added).addr.clone(),
+        cluster.node(added).peer_addr.clone(),
+    );
+    let mut admin = Admin::to(&cluster, 1, Some(TOKEN)).await;
+    let list = admin
+        .add(added as u32, &addr, &peer_addr, true)
+        .await
+        .unwrap();
+    assert_eq!(roles(&list).1, vec![added as u32]);
+    // The same node asking to join is no conflict: it never ran.
+    let via = cluster.node(1).addr.clone();
+    cluster.start_node_with(added, &["--join", &via]).unwrap();
+    cluster
+        .wait_log(added, "joined the cluster as a voter")
+        .await
+        .unwrap();
+    assert_eq!(
+        roles(&admin.list().await.unwrap()),
+        (vec![1, 2, 3, 4], vec![])
+    );
+    // A primary wrote every member's addresses into the membership.
+    let deadline = Instant::now() + testkit::READY_TIMEOUT;
+    let wrote = |c: &Cluster| {
+        (1..=4).any(|id| {
+            c.log(id)
+                .contains("wrote members' addresses into the membership")
+        })
+    };
+    while !wrote(&cluster) {
+        assert!(Instant::now() < deadline, "{}", cluster.log_tails());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_is_told_and_stops_campaigning() {
+    let mut cluster = three_nodes(&[]).await;
+    let primary = cluster.wait_for_primary().await.unwrap();
+    let removed = cluster.ids().into_iter().find(|id| *id != primary).unwrap();
+    let mut admin = Admin::to(&cluster, primary, Some(TOKEN)).await;
+    let list = admin.remove(removed as u32, false).await.unwrap();
+    assert!(!list.members.iter().any(|m| m.id as u64 == removed));
+    cluster
+        .wait_log(removed, "was removed from the cluster")
+        .await
+        .unwrap();
+    // It hears no primary any more; were it to campaign, its term would climb by one each
+    // election timeout (500 ms here).
+    let status = |c: &Cluster| {
+        let client = c.client_for(removed);
+        async move { client.status().await.unwrap().term }
+    };
+    let before = status(&cluster).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(status(&cluster).await, before, "{}", cluster.log(removed));
+    // The others serve on.
+    cluster.client_for(primary).get_id("default").await.unwrap();
 }

@@ -103,6 +103,12 @@ impl Builder {
         };
         // Peers need a shared secret; a test may set its own.
         let mut settings = self.settings.clone();
+        if self.proxies {
+            // Each node dials its peers through its own proxies, named in its own config.
+            settings
+                .entry("peer_addresses")
+                .or_insert_with(|| json!("config"));
+        }
         settings
             .entry("cluster_secret")
             .or_insert_with(|| json!(format!("test-cluster-secret-{}", std::process::id())));

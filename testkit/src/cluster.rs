@@ -219,20 +219,13 @@ impl Cluster {
     }
 
     /// Adds `n` nodes to every node's config, not started, as an operator who edits
-    /// config.json would; returns their ids. Not with proxies.
+    /// config.json would; returns their ids. In a cluster with proxies, each added node gets
+    /// proxied links too: see [`Cluster::add_proxied_nodes`].
     pub fn add_nodes(&mut self, n: usize) -> anyhow::Result<Vec<u64>> {
         if !self.links.is_empty() {
-            bail!("add_nodes does not rewire proxies");
+            return self.add_proxied_nodes(n);
         }
-        let ports = free_ports(n * 2)?;
-        let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-        // The same host as the others (see Builder::host).
-        let host = self
-            .nodes
-            .first()
-            .and_then(|n| n.addr.rsplit_once(':'))
-            .map_or("127.0.0.1".to_string(), |(h, _)| h.to_string());
-        let added: Vec<u64> = (first..first + n as u64).collect();
+        let (ports, host, added) = self.next_nodes(n)?;
         for (i, &id) in added.iter().enumerate() {
             let node = Node::new(id, &host, (ports[2 * i], ports[2 * i + 1]), self.dir.path());
             self.nodes.push(node);
@@ -252,6 +245,19 @@ impl Cluster {
             )?;
         }
         Ok(added)
+    }
+
+    /// For `n` nodes to add: free ports (two each), the others' host, and the next ids.
+    pub(crate) fn next_nodes(&self, n: usize) -> anyhow::Result<(Vec<u16>, String, Vec<u64>)> {
+        let ports = free_ports(n * 2)?;
+        let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        // The same host as the others (see Builder::host).
+        let host = self
+            .nodes
+            .first()
+            .and_then(|n| n.addr.rsplit_once(':'))
+            .map_or("127.0.0.1".to_string(), |(h, _)| h.to_string());
+        Ok((ports, host, (first..first + n as u64).collect()))
     }
 
     /// Node `id`'s data dir.

@@ -6,6 +6,8 @@
 //!   it agrees on a primary, has applied a value, holds a snapshot; `proxy`: the
 //!   fault-injecting proxy on each peer link.
 //! - `fixtures`: for tests that start `server` themselves; `checks`: error and health checks.
+//! - [`members`]: Admin calls and waits on the Raft membership; `grow`: nodes added to a
+//!   cluster with proxies get proxied links too.
 //! - [`workload`]: the chaos workload, which records a [`history::History`]; [`history`]: what
 //!   is recorded, and the id checkers; [`checker`]: the checker over a whole chaos run.
 
@@ -14,7 +16,9 @@ pub mod checker;
 mod checks;
 mod cluster;
 mod fixtures;
+mod grow;
 pub mod history;
+pub mod members;
 mod ports;
 pub mod proxy;
 mod waits;

@@ -82,7 +82,7 @@ impl Cluster {
     }
 
     /// Fails if a node we believe is running has exited.
-    fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
         for n in &mut self.nodes {
             if let Some(child) = &mut n.child {
                 if let Ok(Some(status)) = child.try_wait() {

@@ -85,7 +85,12 @@ impl AdminApi {
         if call.changes() {
             self.credentials.check(req)?;
         }
-        let deadline = Instant::now() + deadline_of(req);
+        // A listing is a read: it answers within a request's time, not a change's.
+        let wait = match call {
+            Call::List => deadline_of(req).min(self.router.timeout()),
+            _ => deadline_of(req),
+        };
+        let deadline = Instant::now() + wait;
         let call = &call;
         let membership = &self.membership;
         // A change may wait for a learner to catch up, or move the primary itself: the
@@ -187,6 +192,8 @@ impl Admin for AdminApi {
                 peer_addr: r.peer_addr.clone(),
             },
             learner_only: r.learner_only,
+            // A node proves the cluster secret when it asks to join itself.
+            by_itself: req.metadata().get(CLUSTER_SECRET_HEADER).is_some(),
         };
         self.members(&req, call).await
     }

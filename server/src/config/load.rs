@@ -50,6 +50,7 @@ pub(super) struct RawConfig {
     pub(super) subscriber_buffer_bytes: u64,
     pub(super) max_subscribers_per_client: u32,
     pub(super) disk_reserve_bytes: u64,
+    pub(super) peer_addresses: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) cluster_secret: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -102,6 +103,7 @@ impl Default for RawConfig {
             subscriber_buffer_bytes: 4 * 1024 * 1024,
             max_subscribers_per_client: 16,
             disk_reserve_bytes: 128 * 1024 * 1024,
+            peer_addresses: "membership".into(),
             cluster_secret: None,
             admin_token: None,
             tls_cert: None,

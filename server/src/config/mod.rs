@@ -59,6 +59,10 @@ pub struct Config {
     /// Free bytes the data dir's file system must keep: below it, writes are refused, so
     /// that the vote and snapshot writes Raft needs still fit.
     pub disk_reserve_bytes: u64,
+    /// Where this node dials a member: at the addresses the Raft membership carries (the
+    /// default), or first at its own config's entry for that id (`peer_addresses:
+    /// "config"`: a host that reaches its peers by names or proxies of its own).
+    pub peers_from_config: bool,
     /// What every peer RPC must carry; always set when the cluster has more than one node.
     pub cluster_secret: Option<ClusterSecret>,
     /// What admin calls (membership changes, transfer) must carry; `None`: they are refused,

@@ -377,6 +377,16 @@ impl RawConfig {
                 connection_preface_timeout: ms(self.connection_preface_timeout_ms),
             },
             disk_reserve_bytes: self.disk_reserve_bytes,
+            peers_from_config: match self.peer_addresses.as_str() {
+                "membership" => false,
+                "config" => true,
+                other => {
+                    return err(
+                        "peer_addresses",
+                        format!("must be \"membership\" or \"config\", not {other:?}"),
+                    )
+                }
+            },
             cluster_secret,
             admin_token,
             entry: super::Entry::default(),

@@ -1,9 +1,10 @@
 //! The membership as this node has applied it, and the peer clients kept in step with it.
 //!
-//! Where a member is reached: this node's own config when it lists that id (a node may name
-//! its peers its own way: host names, a proxy, an address seen through NAT), otherwise the
-//! addresses the membership carries, which is how a node added at run time is found by nodes
-//! whose config.json never heard of it.
+//! Where a member is reached: at the addresses the membership carries, so a node added or
+//! re-added at run time is found by nodes whose config.json never heard of it, or names it
+//! at an old address; at this node's config entry while the membership has none (the first
+//! membership holds ids only). With `peer_addresses: "config"` the config's entry comes first:
+//! for a host that reaches its peers by names or proxies of its own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub struct Book {
     raft: Raft,
     peers: PeerClients,
     config: Arc<BTreeMap<NodeId, NodeConfig>>,
+    /// `peer_addresses: "config"`: this node's config entries come before the membership's.
+    config_first: bool,
     /// When this node last became primary (`None` while it is not).
     leader_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -99,6 +102,7 @@ impl Book {
             raft,
             peers,
             config: Arc::new(nodes),
+            config_first: config.peers_from_config,
             leader_since: Arc::default(),
         }
     }
@@ -117,16 +121,20 @@ impl Book {
         &self.peers
     }
 
-    /// Where node `id` is reached: this node's config if it lists `id`, else the membership's
-    /// addresses (empty where neither knows).
+    /// Where node `id` is reached: the membership's addresses, or this node's config entry
+    /// for `id` where the membership has none yet (the first membership holds ids only) or
+    /// where `peer_addresses` is "config" (empty where neither knows).
     pub fn addresses(&self, id: NodeId, member: Option<&Member>) -> Member {
-        match self.config.get(&id) {
-            Some(n) => Member {
-                addr: n.addr.clone(),
-                peer_addr: n.peer_addr.clone(),
-            },
-            None => member.cloned().unwrap_or_default(),
-        }
+        let configured = self.config.get(&id).map(|n| Member {
+            addr: n.addr.clone(),
+            peer_addr: n.peer_addr.clone(),
+        });
+        let known = member.filter(|m| m.has_addresses()).cloned();
+        let (first, then) = match self.config_first {
+            true => (configured, known),
+            false => (known, configured),
+        };
+        first.or(then).unwrap_or_default()
     }
 
     /// The config's entries, for the ones the membership does not list.
@@ -146,8 +154,6 @@ impl Book {
             .map(|n| (n.id, n.peer_addr.clone()))
             .collect();
         let mut seen: Option<View> = None;
-        // The membership index this node last filled addresses for, as primary.
-        let mut filled: Option<Option<u64>> = None;
         loop {
             let view = self.view();
             if view.index.is_some() && seen.as_ref() != Some(&view) {
@@ -163,10 +169,7 @@ impl Book {
                     _ => {}
                 }
             }
-            if leader && view.index.is_some() && filled != Some(view.index) {
-                filled = Some(view.index);
-                self.fill_addresses(&view).await;
-            }
+
             tokio::select! {
                 changed = metrics.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
@@ -231,7 +234,7 @@ impl Book {
 
     /// The first membership holds ids only; the primary writes in the addresses its config
     /// has for them, so that nodes whose config lacks a member can still reach it.
-    async fn fill_addresses(&self, view: &View) {
+    pub(super) async fn fill_addresses(&self, view: &View) {
         let missing: BTreeMap<NodeId, Member> = view
             .members
             .iter()

@@ -14,6 +14,8 @@ use tokio::time::Instant;
 
 use super::book::{Book, Role, View};
 use super::transfer::Transfer;
+use crate::peer::messages::{self, RemovedNotice};
+use crate::raft::state_machine::StateReader;
 use crate::raft::{Member, NodeId, Raft};
 
 /// What an operator asks of the membership.
@@ -24,6 +26,10 @@ pub enum Call {
         id: NodeId,
         member: Member,
         learner_only: bool,
+        /// Asked by the node itself (`--join`): a member that never ran, at the same
+        /// addresses, carries on from where it is rather than being refused.
+        #[serde(default)]
+        by_itself: bool,
     },
     Promote {
         id: NodeId,
@@ -118,6 +124,8 @@ pub struct Membership {
     busy: Arc<Mutex<Option<String>>>,
     /// How long a ping may take when counting who is reachable.
     ping_timeout: Duration,
+    /// The applied state: which members have run.
+    started: StateReader,
 }
 
 /// Releases the one-change-at-a-time slot.
@@ -132,11 +140,21 @@ impl Drop for Busy {
 /// A learner counts as caught up within this many entries of the primary's last index: under
 /// load a few entries are always in flight.
 const CAUGHT_UP_LAG: u64 = 16;
+/// How often the primary looks for a change left half done or addresses missing.
+const TEND_EVERY: Duration = Duration::from_millis(300);
+/// How long finishing a half-done change may take.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often progress is looked at while waiting for a learner.
 const POLL: Duration = Duration::from_millis(20);
 
 impl Membership {
-    pub fn new(id: NodeId, raft: Raft, book: Book, transfer: Transfer) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        book: Book,
+        transfer: Transfer,
+        started: StateReader,
+    ) -> Self {
         Self {
             id,
             raft,
@@ -144,6 +162,7 @@ impl Membership {
             transfer,
             busy: Arc::default(),
             ping_timeout: Duration::from_millis(300),
+            started,
         }
     }
 
@@ -171,7 +190,12 @@ impl Membership {
                 id,
                 member,
                 learner_only,
-            } => self.add(&view, *id, member, *learner_only, deadline).await,
+                by_itself,
+            } => {
+                let again_ok = *by_itself;
+                self.add(&view, *id, member, (*learner_only, again_ok), deadline)
+                    .await
+            }
             Call::Promote { id } => self.promote(&view, *id, deadline).await,
             Call::Remove { id, force } => self.remove(&view, *id, *force, deadline).await,
             Call::Transfer { to } => {
@@ -186,14 +210,96 @@ impl Membership {
     }
 
     fn take_slot(&self, call: &Call) -> Result<Busy, ChangeError> {
+        self.take_slot_for(call.describe())
+    }
+
+    fn take_slot_for(&self, what: String) -> Result<Busy, ChangeError> {
         let mut slot = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(running) = slot.as_ref() {
             return Err(ChangeError::Precondition(format!(
                 "another membership change is in progress: {running}"
             )));
         }
-        *slot = Some(call.describe());
+        *slot = Some(what);
         Ok(Busy(self.busy.clone()))
+    }
+
+    /// Runs on every node; acts while it is primary and no change runs here. In openraft 0.9
+    /// only the call that began a change proposes its second step, so a primary that died
+    /// between the two leaves the membership joint, and no change could run again: the next
+    /// primary finishes it, moving to the newer config. It also writes in the addresses the
+    /// first membership lacks.
+    pub async fn tend(self, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(TEND_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A joint config seen at two ticks in a row is not one a change here is moving on.
+        let mut joint_seen: Option<u64> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            if self.raft.metrics().borrow().current_leader != Some(self.id) {
+                joint_seen = None;
+                continue;
+            }
+            let view = self.book.view();
+            if view.joint {
+                if joint_seen == view.index {
+                    self.finish(&view).await;
+                }
+                joint_seen = view.index;
+                continue;
+            }
+            joint_seen = None;
+            if view.members.values().any(|m| !m.has_addresses()) {
+                if let Ok(_busy) = self.take_slot_for("writing members' addresses".into()) {
+                    self.book.fill_addresses(&view).await;
+                }
+            }
+        }
+    }
+
+    async fn finish(&self, view: &View) {
+        let Ok(_busy) = self.take_slot_for("finishing a change left half done".into()) else {
+            return;
+        };
+        if !view.voters.contains(&self.id) {
+            // Elected by the old half, which the new one drops: a voter of the new half
+            // takes over and finishes it.
+            let deadline = Instant::now() + FINISH_TIMEOUT;
+            if let Err(e) = self.transfer.hand_over(view, None, deadline).await {
+                tracing::warn!(node = self.id, error = %e, "handing over a half-done change");
+            }
+            return;
+        }
+        tracing::info!(
+            node = self.id,
+            index = view.index,
+            voters = ?view.voters,
+            "finishing the membership change a previous primary left half done"
+        );
+        let change = ChangeMembers::ReplaceAllVoters(view.voters.clone());
+        let deadline = Instant::now() + FINISH_TIMEOUT;
+        match self
+            .write(deadline, self.raft.change_membership(change, false))
+            .await
+        {
+            Ok(done) => {
+                // Voters of the old half that the new one drops never hear of it: tell them.
+                let after = self.book.view();
+                for id in view
+                    .members
+                    .keys()
+                    .filter(|id| !after.members.contains_key(id))
+                {
+                    self.tell_removed(*id, done.log_id.index).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = self.id, error = %e, "finishing the half-done membership change")
+            }
+        }
     }
 
     async fn add(
@@ -201,7 +307,7 @@ impl Membership {
         view: &View,
         id: NodeId,
         member: &Member,
-        learner_only: bool,
+        (learner_only, again_ok): (bool, bool),
         deadline: Instant,
     ) -> Result<Done, ChangeError> {
         if id == 0 {
@@ -211,34 +317,28 @@ impl Membership {
             crate::config::check_addr(addr)
                 .map_err(|e| ChangeError::Invalid(format!("{what}: {e}")))?;
         }
-        if let Some(role) = view.role(id) {
-            return Err(ChangeError::AlreadyExists(format!(
-                "node {id} is already a {}",
-                role.name()
-            )));
-        }
-        for (other, m) in &view.members {
-            let known = self.book.addresses(*other, Some(m));
-            for addr in [&member.addr, &member.peer_addr] {
-                if *addr == known.addr
-                    || *addr == known.peer_addr
-                    || *addr == m.addr
-                    || *addr == m.peer_addr
-                {
-                    return Err(ChangeError::AlreadyExists(format!(
-                        "address {addr} is already node {other}'s"
-                    )));
+        match view.role(id) {
+            // The same node asking again, one that never ran: a join whose answer was lost,
+            // or a node added from the operator's side that starts with --join. Carry on
+            // from where it is.
+            Some(role) if again_ok && self.same_and_never_ran(view, id, member) => {
+                if role == Role::Voter || learner_only {
+                    return Ok(Done::Members(self.listing()));
                 }
             }
+            Some(role) => {
+                return Err(ChangeError::AlreadyExists(format!(
+                    "node {id} is already a {}",
+                    role.name()
+                )))
+            }
+            None => {
+                self.check_new_addresses(view, member)?;
+                self.write(deadline, self.raft.add_learner(id, member.clone(), false))
+                    .await?;
+                tracing::info!(node = self.id, member = id, %member, "added as a learner");
+            }
         }
-        if member.addr == member.peer_addr {
-            return Err(ChangeError::Invalid(
-                "addr and peer_addr must differ: clients and peers use separate listeners".into(),
-            ));
-        }
-        self.write(deadline, self.raft.add_learner(id, member.clone(), false))
-            .await?;
-        tracing::info!(node = self.id, member = id, %member, "added as a learner");
         if learner_only {
             return Ok(Done::Members(self.listing()));
         }
@@ -253,6 +353,32 @@ impl Membership {
             ))
         })?;
         self.promote_now(id, deadline).await
+    }
+
+    fn same_and_never_ran(&self, view: &View, id: NodeId, member: &Member) -> bool {
+        let ran = self.started.read(|a| a.state.started.contains(&id));
+        view.members.get(&id) == Some(member) && !ran
+    }
+
+    /// A new member's addresses are its own: no other member's, and not one for both.
+    fn check_new_addresses(&self, view: &View, member: &Member) -> Result<(), ChangeError> {
+        for (other, m) in &view.members {
+            let known = self.book.addresses(*other, Some(m));
+            let taken = [&known.addr, &known.peer_addr, &m.addr, &m.peer_addr];
+            for addr in [&member.addr, &member.peer_addr] {
+                if taken.contains(&addr) {
+                    return Err(ChangeError::AlreadyExists(format!(
+                        "address {addr} is already node {other}'s"
+                    )));
+                }
+            }
+        }
+        if member.addr == member.peer_addr {
+            return Err(ChangeError::Invalid(
+                "addr and peer_addr must differ: clients and peers use separate listeners".into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn promote(
@@ -333,10 +459,40 @@ impl Membership {
                 ChangeMembers::RemoveVoters(BTreeSet::from([id]))
             }
         };
-        self.write(deadline, self.raft.change_membership(change, false))
+        let peer = self.book.peers().get(id);
+        let removed = self
+            .write(deadline, self.raft.change_membership(change, false))
             .await?;
         tracing::info!(node = self.id, member = id, "removed from the membership");
+        // It never hears the membership without it (nothing is sent to a non-member), so
+        // it would campaign on forever: tell it, if it answers.
+        if let Some(peer) = peer {
+            self.notify_removed(&peer, id, removed.log_id.index).await;
+        }
         Ok(Done::Members(self.listing()))
+    }
+
+    async fn tell_removed(&self, id: NodeId, index: u64) {
+        // Its client may be gone with its membership: dial it from the config if need be.
+        let peer = self.book.peers().get(id).or_else(|| {
+            let addr = self.book.addresses(id, None).peer_addr;
+            (!addr.is_empty() && self.book.peers().add(id, &addr).is_ok())
+                .then(|| self.book.peers().get(id))
+                .flatten()
+        });
+        if let Some(peer) = peer {
+            self.notify_removed(&peer, id, index).await;
+        }
+    }
+
+    async fn notify_removed(&self, peer: &crate::peer::PeerClient, id: NodeId, index: u64) {
+        let notice = RemovedNotice { by: self.id, index };
+        if let Err(e) = peer
+            .call::<messages::Removed>(&notice, self.ping_timeout)
+            .await
+        {
+            tracing::info!(node = self.id, member = id, error = %e, "could not tell the removed node");
+        }
     }
 
     /// The voters among `ids` that answer a ping now (this node counts itself).
@@ -402,6 +558,10 @@ impl Membership {
                     ChangeMembershipError::LearnerNotFound(_) => {
                         ChangeError::NotFound(e.to_string())
                     }
+                    // Also a primary just elected, until it commits an entry of its term.
+                    ChangeMembershipError::InProgress(_) => ChangeError::Precondition(format!(
+                        "another membership change is in progress; try again in a moment ({e})"
+                    )),
                     _ => ChangeError::Precondition(e.to_string()),
                 })
             }

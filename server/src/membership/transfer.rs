@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use super::book::{Book, Role, View};
 use super::change::ChangeError;
 use crate::peer::messages::{self, CampaignReply, CampaignRequest};
+use crate::raft::election::Election;
 use crate::raft::{NodeId, Raft};
 
 /// Set while the primary is being handed over: the proposer holds new writes, which the one
@@ -51,6 +52,7 @@ const PING: Duration = Duration::from_millis(300);
 pub struct Transfer {
     id: NodeId,
     raft: Raft,
+    election: Election,
     book: Book,
     handover: Handover,
     /// How long the new primary may take to be elected: the voters' lease and a campaign.
@@ -63,13 +65,21 @@ pub struct Transfer {
 const LEASE_MARGIN: Duration = Duration::from_millis(20);
 
 impl Transfer {
-    pub fn new(id: NodeId, raft: Raft, book: Book, handover: Handover, lease: Duration) -> Self {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        election: Election,
+        book: Book,
+        handover: Handover,
+        lease: Duration,
+    ) -> Self {
         Self {
             id,
             raft,
+            election,
             book,
             handover,
-            elect_within: lease * 4,
+            elect_within: lease * 6,
             lease,
         }
     }
@@ -121,13 +131,20 @@ impl Transfer {
                 CATCH_UP.as_millis()
             )));
         }
+        // Every voter holds its own campaigns, this one too (it is a follower once it grants
+        // the target its vote), and the target campaigns until it wins.
+        self.election.hold_for_handover(self.id, self.elect_within);
         let wait = deadline
             .saturating_duration_since(Instant::now())
             .min(PING * 3);
-        match peer
-            .call::<messages::Campaign>(&CampaignRequest { from: self.id }, wait)
-            .await
-        {
+        let ask = CampaignRequest { from: self.id, to };
+        let others = view.voters.iter().filter(|v| **v != self.id && **v != to);
+        let holds = others.filter_map(|v| self.book.peers().get(*v)).map(|p| {
+            let ask = ask.clone();
+            async move { p.call::<messages::Campaign>(&ask, wait).await }
+        });
+        futures::future::join_all(holds).await;
+        match peer.call::<messages::Campaign>(&ask, wait).await {
             Ok(CampaignReply::Started) => {}
             Ok(CampaignReply::Refused(why)) => {
                 return Err(ChangeError::Precondition(format!(
@@ -212,9 +229,20 @@ fn matched(replication: Option<&BTreeMap<NodeId, Option<crate::raft::LogId>>>, i
         .map_or(0, |l| l.index)
 }
 
-/// On the target: campaign now, if this node may.
-pub async fn campaign(id: NodeId, raft: &Raft, req: &CampaignRequest) -> CampaignReply {
+/// On a voter the primary hands over from: the target campaigns (until it wins), every
+/// other voter holds its own campaigns meanwhile.
+pub fn campaign(
+    id: NodeId,
+    raft: &Raft,
+    election: &Election,
+    req: &CampaignRequest,
+    within: Duration,
+) -> CampaignReply {
     let m = raft.metrics().borrow().clone();
+    if req.to != id {
+        election.hold_for_handover(req.from, within);
+        return CampaignReply::Started;
+    }
     if m.current_leader == Some(id) {
         return CampaignReply::Refused("it is the primary already".into());
     }
@@ -231,8 +259,9 @@ pub async fn campaign(id: NodeId, raft: &Raft, req: &CampaignRequest) -> Campaig
         from = req.from,
         "asked to take over as primary: campaigning"
     );
-    match raft.trigger().elect().await {
-        Ok(()) => CampaignReply::Started,
-        Err(e) => CampaignReply::Refused(e.to_string()),
-    }
+    election.take_over(req.from, TAKE_OVER_ROUNDS);
+    CampaignReply::Started
 }
+
+/// How many times a hand-over's target campaigns before it gives up.
+const TAKE_OVER_ROUNDS: u32 = 6;

@@ -62,6 +62,7 @@ impl PeerClient {
             PeerRpc::Bootstrap => grpc.bootstrap(request).await,
             PeerRpc::Admin => grpc.admin(request).await,
             PeerRpc::Campaign => grpc.campaign(request).await,
+            PeerRpc::Removed => grpc.removed(request).await,
         };
         let msg = res.map_err(|s| self.status_error(s))?.into_inner();
         decode(&msg.data).map_err(|e| PeerError::Codec(self.target, e.to_string()))
@@ -311,6 +312,9 @@ mod tests {
             Err(Status::unimplemented(""))
         }
         async fn admin(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+            Err(Status::unimplemented(""))
+        }
+        async fn removed(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
             Err(Status::unimplemented(""))
         }
         async fn campaign(&self, _: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {

@@ -40,6 +40,7 @@ pub enum PeerRpc {
     Bootstrap,
     Admin,
     Campaign,
+    Removed,
 }
 
 macro_rules! message {
@@ -97,6 +98,19 @@ message!(
     Campaign: CampaignRequest => CampaignReply, unary Campaign
 );
 
+message!(
+    /// The primary tells a node it removed: it stops campaigning.
+    Removed: RemovedNotice => (), unary Removed
+);
+
+/// Sent by the primary to a node it removed from the membership.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemovedNotice {
+    pub by: NodeId,
+    /// The log index of the membership without it.
+    pub index: u64,
+}
+
 /// The primary's answer to a forwarded membership call.
 pub type AdminOutcome = Result<Done, ChangeError>;
 
@@ -104,6 +118,8 @@ pub type AdminOutcome = Result<Done, ChangeError>;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CampaignRequest {
     pub from: NodeId,
+    /// The voter taking over; every other voter holds its own campaigns meanwhile.
+    pub to: NodeId,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -216,7 +216,22 @@ impl Peer for PeerService {
 
     async fn campaign(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let req = parse::<messages::Campaign>(req)?;
-        reply::<messages::Campaign>(&transfer::campaign(self.id, &self.raft, &req).await)
+        let within = self.election.lease() * 6;
+        let answer = transfer::campaign(self.id, &self.raft, &self.election, &req, within);
+        reply::<messages::Campaign>(&answer)
+    }
+
+    async fn removed(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let notice = parse::<messages::Removed>(req)?;
+        tracing::warn!(
+            node = self.id,
+            by = notice.by,
+            index = notice.index,
+            "this node was removed from the cluster: it no longer campaigns, and serves \
+             nothing; stop it (its data dir is of no further use)"
+        );
+        self.election.retire();
+        reply::<messages::Removed>(&())
     }
 
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {

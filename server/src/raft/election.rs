@@ -60,6 +60,15 @@ struct Inner {
     tasks: TaskTracker,
     /// Set once the node is stopping: it starts no election on its way out.
     stopping: AtomicBool,
+    /// While the primary hands over to another voter: no campaign of ours until then, or
+    /// until a primary other than `from` is seen.
+    held: Mutex<Option<Hold>>,
+}
+
+#[derive(Clone, Copy)]
+struct Hold {
+    from: NodeId,
+    until: Instant,
 }
 
 struct Activity {
@@ -103,8 +112,81 @@ impl Election {
                 tasks,
                 escalated_for: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
+                held: Mutex::new(None),
             }),
         }
+    }
+
+    /// The primary `from` hands over to another voter: campaign not (nor let openraft's timer)
+    /// for `within`, or until another primary is seen, so that the target wins the votes
+    /// once the voters' leases lapse.
+    pub fn hold_for_handover(&self, from: NodeId, within: Duration) {
+        let until = Instant::now() + within;
+        *self.inner.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Hold { from, until });
+        self.inner.raft.runtime_config().elect(false);
+    }
+
+    /// Ends a hold that is over: its time passed, or a primary other than the one handing
+    /// over is seen.
+    fn release_hold(&self, leader: Option<NodeId>) {
+        let mut held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(hold) = *held else { return };
+        let moved = leader.is_some_and(|l| l != hold.from);
+        if moved || Instant::now() >= hold.until {
+            *held = None;
+            if !self.inner.stopping.load(Ordering::SeqCst) {
+                self.inner.raft.runtime_config().elect(true);
+            }
+        }
+    }
+
+    fn holding(&self) -> bool {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// The target of a hand-over: campaign now, and again each lease while no primary is
+    /// seen (with more than three voters the others grant only once their lease lapses).
+    pub fn take_over(&self, from: NodeId, rounds: u32) {
+        let raft = self.inner.raft.clone();
+        let (id, lease) = (self.inner.id, self.inner.lease);
+        self.touch();
+        self.inner.tasks.spawn(async move {
+            for _ in 0..rounds {
+                if raft.trigger().elect().await.is_err() {
+                    return;
+                }
+                let mut metrics = raft.metrics();
+                let won = tokio::time::timeout(
+                    lease + Duration::from_millis(50),
+                    metrics.wait_for(|m| matches!(m.current_leader, Some(l) if l != from)),
+                )
+                .await;
+                if won.is_ok() {
+                    return;
+                }
+                tracing::info!(
+                    node = id,
+                    from,
+                    "not elected yet in the hand-over; campaigning again"
+                );
+            }
+        });
+    }
+
+    /// openraft's leader lease: `election_timeout_max`.
+    pub fn lease(&self) -> Duration {
+        self.inner.lease
+    }
+
+    /// This node was removed from the membership: it never campaigns again (it would only
+    /// spend terms, since it never hears the membership that removed it).
+    pub fn retire(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.raft.runtime_config().elect(false);
     }
 
     /// Call when an AppendEntries or InstallSnapshot arrives, before Raft processes it, with
@@ -176,11 +258,12 @@ impl Election {
                     return;
                 }
             }
-            let (state, term) = {
+            let (state, term, leader) = {
                 let m = self.inner.raft.metrics();
                 let m = m.borrow();
-                (m.state, m.current_term)
+                (m.state, m.current_term, m.current_leader)
             };
+            self.release_hold(leader);
             match state {
                 ServerState::Shutdown => return,
                 ServerState::Leader => self.touch(),
@@ -198,7 +281,7 @@ impl Election {
     }
 
     fn campaign(&self, rounds: u64) {
-        if self.inner.stopping.load(Ordering::SeqCst) {
+        if self.inner.stopping.load(Ordering::SeqCst) || self.holding() {
             return;
         }
         let term = self.inner.raft.metrics().borrow().current_term;

@@ -81,6 +81,11 @@ impl Router {
         }
     }
 
+    /// request_timeout_ms.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
