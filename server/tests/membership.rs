@@ -353,7 +353,11 @@ async fn bad_membership_calls_are_refused_and_change_nothing() {
         req.set_timeout(Duration::from_secs(3));
         slow.client.promote_member(req).await
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The primary has taken the promotion when it logs it.
+    cluster
+        .wait_log(primary, "change=promoting node 7")
+        .await
+        .unwrap();
     let e = code(admin.add(8, "127.0.0.1:11", "127.0.0.1:12", true).await);
     assert!(
         e.code() == Code::FailedPrecondition && e.message().contains("in progress"),
