@@ -1,4 +1,5 @@
-//! The server's one error type, and the one place it becomes a gRPC status.
+//! The server's one error type, and the one place it becomes a gRPC status, and a status an
+//! HTTP status (the JSON API calls the gRPC services, so its errors are theirs).
 
 use tonic::{Code, Status};
 
@@ -66,6 +67,7 @@ pub enum Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
+        crate::metrics::get().refused(&e);
         let code = match &e {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::ResourceExhausted(_) | Error::Overloaded { .. } => Code::ResourceExhausted,
@@ -95,9 +97,47 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) | Error::Refused(_) => Code::FailedPrecondition,
             Error::Internal(_) | Error::Corrupt(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        // Only load and a missing primary pass with time: say when to come back. A limit
+        // such as max_sequences does not, so it carries no hint.
+        let passes = matches!(
+            e,
+            Error::Overloaded { .. } | Error::Unavailable(_) | Error::ShuttingDown
+        );
+        let mut status = Status::new(code, e.to_string());
+        if passes {
+            status.metadata_mut().insert(
+                RETRY_AFTER,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        status
     }
 }
+
+/// Metadata of a status whose cause passes with time: seconds to wait (HTTP's Retry-After).
+pub const RETRY_AFTER: &str = "retry-after";
+
+/// The HTTP status for a gRPC code, as gRPC-gateway maps them, but for FAILED_PRECONDITION:
+/// 409, like the ABORTED it resembles (the request fits the state later, not as sent).
+pub fn http_status(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::InvalidArgument | Code::OutOfRange => 400,
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::AlreadyExists | Code::Aborted | Code::FailedPrecondition => 409,
+        Code::ResourceExhausted => 429,
+        Code::Cancelled => 499,
+        Code::Unimplemented => 501,
+        Code::Unavailable => 503,
+        Code::DeadlineExceeded => 504,
+        Code::Unknown | Code::Internal | Code::DataLoss => 500,
+    }
+}
+
+/// The code's name as the gRPC spec writes it (`INVALID_ARGUMENT`), for JSON error bodies.
+pub use sequencer_proto::code_name;
 
 impl From<crate::membership::ChangeError> for Error {
     fn from(e: crate::membership::ChangeError) -> Error {

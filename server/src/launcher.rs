@@ -530,6 +530,11 @@ async fn members_seen_by(config: &Config, primary: u64) -> Option<AdminListRespo
 fn print_table(config: &Config, primary: u64, members: Option<&AdminListResponse>) {
     // A closed stdout must not stop the launcher (println! would panic).
     let mut out = std::io::stdout().lock();
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let role_of = |id: u64| -> &str {
         match members {
             None => "",
@@ -548,9 +553,14 @@ fn print_table(config: &Config, primary: u64, members: Option<&AdminListResponse
         } else {
             format!("  {role}")
         };
+        let http = n
+            .http_addr
+            .as_ref()
+            .map(|a| format!("  http {scheme}://{a}/"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "node {}  client {}  peer {}{role}{primary}",
+            "node {}  client {}  peer {}{http}{role}{primary}",
             n.id, n.addr, n.peer_addr
         );
     }

@@ -15,8 +15,10 @@ pub(crate) mod disk;
 pub mod error;
 #[cfg(test)]
 mod fuzz_test;
+pub(crate) mod http;
 pub(crate) mod listener;
 pub(crate) mod membership;
+pub mod metrics;
 pub(crate) mod node;
 pub(crate) mod peer;
 pub mod raft;

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use sequencer_server::config::{Config, ConfigError, Entry, Overrides};
+use sequencer_server::config::{Config, ConfigError, Entry, LogFormat, Overrides};
 use sequencer_server::{run, Listeners};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -56,7 +56,6 @@ pub(crate) const CONFIG_ERROR: i32 = 2;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing();
     // Before anything opens a file; children inherit the raised limit.
     let open_files = raise_open_files_limit();
     let (path, required) = match &args.config {
@@ -81,6 +80,8 @@ fn main() -> ExitCode {
             Err(code) => return code,
         };
     }
+    // After the config, which says the format; nothing logs before it (errors go to stderr).
+    init_tracing(config.log_format);
     config.entry = match (&args.join, &args.rejoin) {
         (Some(via), _) => Entry::Join(via.clone()),
         (None, Some(via)) => Entry::Rejoin(via.clone()),
@@ -223,17 +224,20 @@ fn log_open_files(open_files: &OpenFiles) {
 /// are off; a stopped Raft is logged by the node itself. RUST_LOG overrides it.
 const DEFAULT_LOG_FILTER: &str = "info,openraft=off";
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         // On a closed stderr the layer would eprintln! its own write error, and eprintln!
         // panics: inside whichever task logged, Raft's core among them.
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line, the event's fields at the top level, for log shippers.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 async fn run_node(config: Config, id: u64, open_files: OpenFiles) -> anyhow::Result<()> {
@@ -246,6 +250,10 @@ async fn run_node(config: Config, id: u64, open_files: OpenFiles) -> anyhow::Res
     };
     let client = bind(&node.addr, "addr", id).await?;
     let peer = bind(&node.peer_addr, "peer_addr", id).await?;
+    let http = match &node.http_addr {
+        Some(addr) => Some(bind(addr, "http_addr", id).await?),
+        None => None,
+    };
     // `run` polls its shutdown future only once the node has started, so this line follows
     // "node started", and a node that fails at start still says one line only.
     let shutdown = async move {
@@ -256,7 +264,7 @@ async fn run_node(config: Config, id: u64, open_files: OpenFiles) -> anyhow::Res
             signal.await;
         }
     };
-    run(config, id, Listeners { client, peer }, shutdown)
+    run(config, id, Listeners { client, peer, http }, shutdown)
         .await
         .with_context(|| format!("node {id}"))
 }

@@ -26,10 +26,13 @@ use crate::bootstrap;
 use crate::config::{Config, Entry};
 use crate::disk::DiskGuard;
 use crate::error::Error;
+use crate::http::HttpApi;
 use crate::listener::Incoming;
 use crate::membership::join::Admission;
 use crate::membership::transfer::{Handover, Transfer};
 use crate::membership::{join, Book, Membership};
+use crate::metrics::grpc::GrpcMetricsLayer;
+use crate::metrics::scrape::Sources;
 use crate::peer::{PeerClients, PeerService, RequireSecret, PEER_MESSAGE_LIMIT};
 use crate::raft::election::Election;
 use crate::raft::network::Network;
@@ -44,12 +47,14 @@ use crate::write::sends::{SendBatcher, SendPlan};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 
-/// The two bound listeners of a node.
+/// The bound listeners of a node.
 pub struct Listeners {
     /// For clients: Sequencer, Cluster, health, reflection.
     pub client: TcpListener,
     /// For peers only: Raft and forwarding.
     pub peer: TcpListener,
+    /// HTTP: the JSON API, /metrics, the probes, the status page; `None`: no HTTP.
+    pub http: Option<TcpListener>,
 }
 
 /// Runs node `id` of `config` until `shutdown` resolves, then stops gracefully.
@@ -67,6 +72,7 @@ pub async fn run(
     let dir = config.node_dir(id);
     // Before touching the data dir: a node that cannot serve should leave no trace.
     let tls = TlsMaterial::load(&config, id)?;
+    let http_tls = tls.as_ref().map(|t| t.http_listener()).transpose()?;
     // Held until this function returns: nobody else may open this node's data meanwhile.
     let data = DataDir::lock(&dir)?;
     let (log, sm) = open_store(&data)?;
@@ -201,59 +207,102 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1().map_err(reflection_err)?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_err)?;
 
+    // The services, shared by the gRPC listener and the HTTP one, which calls them.
+    let queues = vec![("ids", allocator.depth()), ("sends", sender.depth())];
+    let sequencer_api = Arc::new(SequencerApi::new(
+        id,
+        allocator,
+        reader.clone(),
+        config.batching.max_batch,
+        config.batching.max_sequences,
+    ));
+    let tracker_api = Arc::new(TrackerApi {
+        proposer: proposer.clone(),
+        reader: reader.clone(),
+        liveness: liveness.clone(),
+        limits: config.groups.limits,
+        heartbeat_interval: config.groups.client_heartbeat,
+        failure_timeout: config.groups.failure_timeout,
+    });
+    let messenger_api = MessengerApi::new(
+        sender,
+        reader.clone(),
+        proposer.clone(),
+        config.groups.max_payload_bytes,
+        crate::api::messenger::SubscriberLimits {
+            buffer: config.groups.subscriber_buffer,
+            buffer_bytes: config.groups.subscriber_buffer_bytes,
+            max: config.groups.max_subscribers,
+            max_per_client: config.groups.max_subscribers_per_client,
+        },
+        stop_clients.clone(),
+        tasks.clone(),
+    );
+    let cluster_api = Arc::new(ClusterApi {
+        id,
+        raft: raft.clone(),
+        commit: commit.clone(),
+        book: book.clone(),
+    });
+    // Cancelled as soon as the node decides to stop: the probes fail from then on.
+    let stopping = CancellationToken::new();
+    let http_task = listeners.http.map(|listener| {
+        let api = Arc::new(HttpApi {
+            id,
+            sequencer: sequencer_api.clone(),
+            cluster: cluster_api.clone(),
+            tracker: tracker_api.clone(),
+            proposer: proposer.clone(),
+            reader: reader.clone(),
+            raft: raft.clone(),
+            metrics: Sources {
+                id,
+                raft: raft.clone(),
+                commit: commit.clone(),
+                reader: reader.clone(),
+                dir: dir.clone(),
+                queues,
+                queue_capacity: config.batching.queue_capacity,
+                subscribers: messenger_api.open_subscriptions(),
+            },
+            stopping: stopping.clone(),
+            ready_within: config.batching.request_timeout.min(READY_WITHIN),
+        });
+        let serving = crate::http::Serving {
+            tls: http_tls,
+            max_connections: config.transport.max_connections,
+            header_timeout: config.transport.connection_preface_timeout,
+            max_concurrent_streams: config.transport.max_concurrent_streams,
+            keepalive_interval: config.transport.http2_keepalive_interval,
+            keepalive_timeout: config.transport.http2_keepalive_timeout,
+        };
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(node = id, %addr, tls = serving.tls.is_some(), "serving HTTP");
+        }
+        tokio::spawn(crate::http::serve(
+            id,
+            listener,
+            crate::http::router(api),
+            serving,
+            stop_clients.clone(),
+        ))
+    });
     let small = SMALL_REQUEST_LIMIT;
     let client_server = server_builder(&config, tls.as_ref().map(|t| t.client_listener()))?
+        .layer(GrpcMetricsLayer)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            SequencerServer::new(SequencerApi::new(
-                id,
-                allocator,
-                reader.clone(),
-                config.batching.max_batch,
-                config.batching.max_sequences,
-            ))
-            .max_decoding_message_size(small),
+            SequencerServer::from_arc(sequencer_api.clone()).max_decoding_message_size(small),
         )
+        .add_service(TrackerServer::from_arc(tracker_api.clone()).max_decoding_message_size(small))
         .add_service(
-            TrackerServer::new(TrackerApi {
-                proposer: proposer.clone(),
-                reader: reader.clone(),
-                liveness: liveness.clone(),
-                limits: config.groups.limits,
-                heartbeat_interval: config.groups.client_heartbeat,
-                failure_timeout: config.groups.failure_timeout,
-            })
-            .max_decoding_message_size(small),
+            MessengerServer::new(messenger_api)
+                // A Send carries one payload of at most max_payload_bytes, plus its names.
+                .max_decoding_message_size(config.groups.max_payload_bytes as usize + small),
         )
-        .add_service(
-            MessengerServer::new(MessengerApi::new(
-                sender,
-                reader.clone(),
-                proposer.clone(),
-                config.groups.max_payload_bytes,
-                crate::api::messenger::SubscriberLimits {
-                    buffer: config.groups.subscriber_buffer,
-                    buffer_bytes: config.groups.subscriber_buffer_bytes,
-                    max: config.groups.max_subscribers,
-                    max_per_client: config.groups.max_subscribers_per_client,
-                },
-                stop_clients.clone(),
-                tasks.clone(),
-            ))
-            // A Send carries one payload of at most max_payload_bytes, plus its names.
-            .max_decoding_message_size(config.groups.max_payload_bytes as usize + small),
-        )
-        .add_service(
-            ClusterServer::new(ClusterApi {
-                id,
-                raft: raft.clone(),
-                commit: commit.clone(),
-                book: book.clone(),
-            })
-            .max_decoding_message_size(small),
-        )
+        .add_service(ClusterServer::from_arc(cluster_api.clone()).max_decoding_message_size(small))
         .add_service(
             AdminServer::new(AdminApi {
                 router,
@@ -293,6 +342,8 @@ pub async fn run(
             incoming(listeners.peer, "peer", &config),
             stop_peers.clone().cancelled_owned(),
         );
+    // The servers hold the services now; the batchers end once the servers drop them.
+    drop((sequencer_api, tracker_api, cluster_api));
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
     // How a fresh node enters: only a unanimous first start bootstraps a cluster, and a
@@ -322,6 +373,7 @@ pub async fn run(
         why = raft_failed(raft.clone()) => Stop::RaftFailed(why),
         Ok(why) = refused => Stop::Refused(why),
     };
+    stopping.cancel();
     match &stopped {
         Stop::Asked => {
             tracing::info!(node = id, "shutting down");
@@ -339,6 +391,12 @@ pub async fn run(
     // wait for. Then Raft, then the peer listener, so this node starts no election on its way out.
     stop_clients.cancel();
     report(id, "client", client_task.await);
+    // Its handlers hold the batchers' handles too.
+    if let Some(task) = http_task {
+        if let Err(e) = task.await {
+            tracing::warn!(node = id, error = %e, "http server task failed");
+        }
+    }
     while batchers.join_next().await.is_some() {}
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(node = id, error = %e, "raft shutdown");
@@ -457,6 +515,9 @@ fn report(
         Err(e) => tracing::warn!(node = id, listener, error = %e, "server task failed"),
     }
 }
+
+/// Longest a readiness probe waits to hear from the primary (less if request_timeout_ms is).
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Largest request of a service without payloads: names and tokens only.
 const SMALL_REQUEST_LIMIT: usize = 64 * 1024;

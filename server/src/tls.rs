@@ -6,7 +6,10 @@
 //! TLS. The client listener asks clients for one only with `tls_client_auth`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio_rustls::rustls;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
@@ -19,6 +22,8 @@ use crate::raft::NodeId;
 pub struct TlsMaterial {
     identity: Identity,
     ca: Option<Certificate>,
+    /// The same files as PEM, for the HTTP listener's rustls config.
+    pem: Pem,
     client_auth: bool,
     /// connection_preface_timeout: a handshake must finish within it. Our listener's preface
     /// deadline is met by the first bytes of a handshake, so without this a client that starts
@@ -43,17 +48,20 @@ impl TlsMaterial {
             ca,
             client_auth,
         } = files;
-        let identity = Identity::from_pem(
-            read("tls_cert", for_node(cert, id))?,
-            read("tls_key", for_node(key, id))?,
-        );
-        let ca = match ca {
-            Some(ca) => Some(Certificate::from_pem(read("tls_ca", for_node(ca, id))?)),
-            None => None,
+        let pem = Pem {
+            cert: read("tls_cert", for_node(cert, id))?,
+            key: read("tls_key", for_node(key, id))?,
+            ca: match ca {
+                Some(ca) => Some(read("tls_ca", for_node(ca, id))?),
+                None => None,
+            },
         };
+        let identity = Identity::from_pem(&pem.cert, &pem.key);
+        let ca = pem.ca.as_ref().map(Certificate::from_pem);
         let material = Self {
             identity,
             ca,
+            pem,
             client_auth: *client_auth,
             handshake_timeout: config.transport.connection_preface_timeout,
         };
@@ -80,6 +88,52 @@ impl TlsMaterial {
         }
     }
 
+    /// The HTTP listener: as the client listener (its certificate, client certificates only
+    /// with `tls_client_auth`), for HTTP/2 and HTTP/1.1.
+    pub fn http_listener(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: String| {
+            Error::Internal(format!("TLS for the HTTP listener: {what}: {e}"))
+        };
+        let certs = CertificateDer::pem_slice_iter(&self.pem.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("tls_cert", e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.pem.key)
+            .map_err(|e| bad("tls_key", e.to_string()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocol versions", e.to_string()))?;
+        let builder = match (&self.pem.ca, self.client_auth) {
+            (Some(ca), true) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    let cert = cert.map_err(|e| bad("tls_ca", e.to_string()))?;
+                    roots.add(cert).map_err(|e| bad("tls_ca", e.to_string()))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| bad("tls_ca", e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("tls_cert/tls_key", e.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// How long a TLS handshake may take (connection_preface_timeout).
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
     /// The peer listener: only callers with a certificate from the cluster's CA.
     pub fn peer_listener(&self) -> ServerTlsConfig {
         let c = ServerTlsConfig::new()
@@ -100,6 +154,14 @@ impl TlsMaterial {
             None => c.with_webpki_roots(),
         }
     }
+}
+
+/// A node's PEM files as read.
+#[derive(Clone)]
+struct Pem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Option<Vec<u8>>,
 }
 
 /// `path` with `{id}` replaced by the node id.

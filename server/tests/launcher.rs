@@ -259,6 +259,23 @@ async fn killing_the_launcher_with_sigkill_stops_every_node_and_frees_their_dirs
     let (dir, config, mut first) = three_nodes_ready();
     let data = dir.path().join("data");
     let nodes: Vec<u32> = (1..=3).map(|id| first.guard.node_pid(&data, id)).collect();
+    // The table names each node's HTTP address, and each one serves there.
+    for (i, node) in config["nodes"].as_array().unwrap().iter().enumerate() {
+        let http = node["http_addr"].as_str().unwrap();
+        let row = format!("node {}  client ", i + 1);
+        assert!(
+            first
+                .seen
+                .iter()
+                .any(|l| l.starts_with(&row) && l.contains(&format!("http http://{http}/"))),
+            "no table row with {http}: {:#?}",
+            first.seen
+        );
+        assert_eq!(
+            testkit::http::get(http, "/healthz").await.unwrap().status,
+            200
+        );
+    }
 
     signal(first.pid(), libc::SIGKILL);
     let gone = wait_until(DEADLINE, || nodes.iter().all(|&pid| !running(pid)));

@@ -131,3 +131,33 @@ async fn with_client_auth_only_clients_with_a_certificate_are_served() {
         "served a client without a certificate"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_speaks_tls_when_the_grpc_ones_do() {
+    let dir = tempfile::tempdir().unwrap();
+    testkit::gen_certs(&sibling_binary(SERVER, "client"), dir.path(), 1).unwrap();
+    let certs = dir.path().join("certs");
+    let mut cluster = Cluster::builder(SERVER)
+        .nodes(1)
+        .tls(&certs, false)
+        .start()
+        .unwrap();
+    cluster.wait_for_primary().await.unwrap();
+    let addr = cluster.node(1).http_addr.clone();
+    let ca = read(&certs, "ca.pem");
+    let health = testkit::http::request("GET", &addr, "/healthz", Some(&ca))
+        .await
+        .unwrap();
+    assert_eq!(health.status, 200, "{}", health.text());
+    let id = testkit::http::request("POST", &addr, "/v1/sequences/tls/next", Some(&ca))
+        .await
+        .unwrap();
+    assert_eq!(id.json().unwrap()["id"], 1, "{}", id.text());
+    // Plain HTTP gets no answer from a TLS listener.
+    let plain = testkit::http::get(&addr, "/healthz").await;
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+    // Nor does a caller that does not trust the cluster's CA.
+    let other =
+        testkit::http::request("GET", &addr, "/healthz", Some(&read(&certs, "node-1.pem"))).await;
+    assert!(other.is_err(), "{other:?}");
+}

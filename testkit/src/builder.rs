@@ -9,7 +9,7 @@ use anyhow::bail;
 use sequencer_client::Tls;
 use serde_json::{json, Map, Value};
 
-use crate::cluster::{Cluster, Links, Node};
+use crate::cluster::{Cluster, Links, Node, PORTS_PER_NODE};
 use crate::{free_ports, proxy};
 
 /// Settings for a test cluster before it starts.
@@ -88,11 +88,11 @@ impl Builder {
             .prefix("seqtest")
             .disable_cleanup(std::env::var_os("SEQTEST_KEEP").is_some())
             .tempdir()?;
-        let ports = free_ports(self.nodes * 2)?;
+        let ports = free_ports(self.nodes * PORTS_PER_NODE)?;
         let nodes: Vec<Node> = (0..self.nodes)
             .map(|i| {
                 let id = i as u64 + 1;
-                Node::new(id, &self.host, (ports[2 * i], ports[2 * i + 1]), dir.path())
+                Node::new(id, &self.host, &ports[PORTS_PER_NODE * i..], dir.path())
             })
             .collect();
         let (links, proxy_addr, proxy_runtime) = if self.proxies {
@@ -118,7 +118,7 @@ impl Builder {
                 .iter()
                 .map(|n| {
                     let peer = proxy_addr.get(&(me.id, n.id)).unwrap_or(&n.peer_addr);
-                    json!({"id": n.id, "addr": n.addr, "peer_addr": peer})
+                    n.entry(peer)
                 })
                 .collect();
             config.insert("nodes".into(), Value::Array(list));

@@ -28,6 +28,8 @@ pub struct Node {
     pub id: u64,
     pub addr: String,
     pub peer_addr: String,
+    /// Where its HTTP listener serves (JSON API, /metrics, probes, the status page).
+    pub http_addr: String,
     pub(crate) child: Option<Child>,
     log: PathBuf,
 }
@@ -38,17 +40,27 @@ impl Node {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// Node `id` listening on `host` at `(client, peer)` ports, logging into `dir`.
-    pub(crate) fn new(id: u64, host: &str, (client, peer): (u16, u16), dir: &Path) -> Node {
+    /// Node `id` listening on `host` at `[client, peer, http]` ports, logging into `dir`.
+    pub(crate) fn new(id: u64, host: &str, ports: &[u16], dir: &Path) -> Node {
+        let [client, peer, http] = [ports[0], ports[1], ports[2]];
         Node {
             id,
             addr: format!("{host}:{client}"),
             peer_addr: format!("{host}:{peer}"),
+            http_addr: format!("{host}:{http}"),
             child: None,
             log: dir.join(format!("node-{id}.log")),
         }
     }
+
+    /// Its entry in a config's `nodes`, dialled by peers at `peer_addr`.
+    pub(crate) fn entry(&self, peer_addr: &str) -> Value {
+        json!({"id": self.id, "addr": self.addr, "peer_addr": peer_addr, "http_addr": self.http_addr})
+    }
 }
+
+/// Ports each node listens on: client, peer, HTTP.
+pub(crate) const PORTS_PER_NODE: usize = 3;
 
 /// What a node's snapshot on disk says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,14 +239,10 @@ impl Cluster {
         }
         let (ports, host, added) = self.next_nodes(n)?;
         for (i, &id) in added.iter().enumerate() {
-            let node = Node::new(id, &host, (ports[2 * i], ports[2 * i + 1]), self.dir.path());
+            let node = Node::new(id, &host, &ports[PORTS_PER_NODE * i..], self.dir.path());
             self.nodes.push(node);
         }
-        let list: Vec<Value> = self
-            .nodes
-            .iter()
-            .map(|n| json!({"id": n.id, "addr": n.addr, "peer_addr": n.peer_addr}))
-            .collect();
+        let list: Vec<Value> = self.nodes.iter().map(|n| n.entry(&n.peer_addr)).collect();
         let template: Value = serde_json::from_slice(&std::fs::read(&self.config_path)?)?;
         for id in self.ids() {
             let mut config = template.clone();
@@ -247,9 +255,9 @@ impl Cluster {
         Ok(added)
     }
 
-    /// For `n` nodes to add: free ports (two each), the others' host, and the next ids.
+    /// For `n` nodes to add: free ports (three each), the others' host, and the next ids.
     pub(crate) fn next_nodes(&self, n: usize) -> anyhow::Result<(Vec<u16>, String, Vec<u64>)> {
-        let ports = free_ports(n * 2)?;
+        let ports = free_ports(n * PORTS_PER_NODE)?;
         let first = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         // The same host as the others (see Builder::host).
         let host = self

@@ -12,11 +12,12 @@ use crate::free_ports;
 /// A config of `n` nodes on free 127.0.0.1 ports with an explicit `nodes` list and its data
 /// under `dir/data`, for tests that start `server` themselves.
 pub fn nodes_config(dir: &Path, n: usize) -> anyhow::Result<Value> {
-    let ports = free_ports(2 * n)?;
+    let ports = free_ports(3 * n)?;
     let nodes: Vec<Value> = (0..n)
         .map(|i| {
-            json!({"id": i + 1, "addr": format!("127.0.0.1:{}", ports[2 * i]),
-                   "peer_addr": format!("127.0.0.1:{}", ports[2 * i + 1])})
+            json!({"id": i + 1, "addr": format!("127.0.0.1:{}", ports[3 * i]),
+                   "peer_addr": format!("127.0.0.1:{}", ports[3 * i + 1]),
+                   "http_addr": format!("127.0.0.1:{}", ports[3 * i + 2])})
         })
         .collect();
     Ok(json!({"nodes": nodes, "data_dir": dir.join("data")}))

@@ -11,9 +11,9 @@
 use std::net::TcpListener;
 
 use anyhow::Context;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::cluster::{Cluster, Node};
+use crate::cluster::{Cluster, Node, PORTS_PER_NODE};
 use crate::proxy;
 
 /// The key in `links` of the proxy in front of node `id`'s peer listener, which every node
@@ -28,7 +28,7 @@ impl Cluster {
         let (ports, host, added) = self.next_nodes(n)?;
         let existing = self.ids();
         for (i, &id) in added.iter().enumerate() {
-            let node = Node::new(id, &host, (ports[2 * i], ports[2 * i + 1]), self.dir.path());
+            let node = Node::new(id, &host, &ports[PORTS_PER_NODE * i..], self.dir.path());
             self.nodes.push(node);
         }
         // Every node dials an added node through the proxy in front of it.
@@ -37,7 +37,7 @@ impl Cluster {
             let target = self.node(id).peer_addr.clone();
             front.insert(id, self.proxy(inbound(id), &target)?);
         }
-        let entry = |n: &Node, peer: &str| json!({"id": n.id, "addr": n.addr, "peer_addr": peer});
+        let entry = |n: &Node, peer: &str| n.entry(peer);
         // The nodes there were: their config lists the added nodes behind their proxies.
         for &id in &existing {
             let path = self.dir.path().join(format!("config-{id}.json"));

@@ -5,7 +5,8 @@
 //!   [`Cluster`] (kill, restart, pause, partition, its clients, dirs and logs); `waits`: until
 //!   it agrees on a primary, has applied a value, holds a snapshot; `proxy`: the
 //!   fault-injecting proxy on each peer link.
-//! - `fixtures`: for tests that start `server` themselves; `checks`: error and health checks.
+//! - `fixtures`: for tests that start `server` themselves; `checks`: error and health checks;
+//!   [`http`]: requests to a node's HTTP listener.
 //! - [`members`]: Admin calls and waits on the Raft membership; `grow`: nodes added to a
 //!   cluster with proxies get proxied links too.
 //! - [`workload`]: the chaos workload, which records a [`history::History`]; [`history`]: what
@@ -18,6 +19,7 @@ mod cluster;
 mod fixtures;
 mod grow;
 pub mod history;
+pub mod http;
 pub mod members;
 mod ports;
 pub mod proxy;

@@ -99,6 +99,7 @@ impl AdminApi {
             .router
             .patient(MAX_DEADLINE)
             .on_primary(
+                "admin",
                 deadline,
                 |deadline| async move { step(membership.here(call, deadline).await) },
                 |peer, wait| async move {

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::wire_id;
 use crate::membership::Book;
+use crate::peer::Progress;
 use crate::raft::store::CommitIndex;
 use crate::raft::{Member, NodeId, Raft};
 
@@ -50,31 +51,50 @@ impl Cluster for ClusterApi {
             }
         }
         listed.sort_by_key(|(id, _, _)| *id);
+        let own = Progress {
+            node: self.id,
+            term: m.current_term,
+            commit_index: self.commit.get().unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+        };
         let pings = listed.iter().map(|(id, _, _)| async move {
             match self.book.peers().get(*id) {
-                None => *id == self.id,
-                Some(p) => p.ping(PING_TIMEOUT).await.is_ok(),
+                None if *id == self.id && !stopped => Some(own),
+                None => None,
+                Some(p) => p.ping(PING_TIMEOUT).await.ok(),
             }
         });
-        let reachable = futures::future::join_all(pings).await;
+        let progress = futures::future::join_all(pings).await;
+        // How far the primary has committed, as it reported just now.
+        let primary_commit = listed
+            .iter()
+            .zip(&progress)
+            .find(|((id, _, _), _)| leader == Some(*id))
+            .and_then(|(_, p)| p.map(|p| p.commit_index));
         let nodes = listed
             .into_iter()
-            .zip(reachable)
-            .map(|((id, member, role), reachable)| NodeStatus {
+            .zip(progress)
+            .map(|((id, member, role), progress)| NodeStatus {
                 id: wire_id(id),
                 addr: member.addr,
                 peer_addr: member.peer_addr,
-                reachable,
+                reachable: progress.is_some(),
                 primary: leader == Some(id),
                 role: role.into(),
+                term: progress.map(|p| p.term),
+                commit_index: progress.map(|p| p.commit_index),
+                applied_index: progress.map(|p| p.applied_index),
+                lag: progress
+                    .zip(primary_commit)
+                    .map(|(p, commit)| commit.saturating_sub(p.applied_index)),
             })
             .collect();
         Ok(Response::new(StatusResponse {
             node_id: wire_id(self.id),
             primary: leader.map(wire_id).unwrap_or(0),
             term: m.current_term,
-            commit_index: self.commit.get().unwrap_or(0),
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            commit_index: own.commit_index,
+            applied_index: own.applied_index,
             nodes,
             role: if stopped {
                 "stopped".into()

@@ -84,6 +84,10 @@ async fn track(
             return;
         }
         if known != Some(leader) {
+            // The first reading is where this node starts, not a change.
+            if known.is_some() {
+                crate::metrics::get().primary_changes.inc();
+            }
             match leader {
                 Some(p) if p == id => {
                     tracing::info!(node = id, term, "this node is now the primary")

@@ -94,6 +94,12 @@ impl MessengerApi {
         }
     }
 
+    /// Open subscriptions on this node, read at each metrics scrape.
+    pub fn open_subscriptions(&self) -> crate::metrics::scrape::Reading {
+        let (permits, max) = (self.subscribers.clone(), self.limits.max);
+        Arc::new(move || max.saturating_sub(permits.available_permits()))
+    }
+
     /// A place for one more subscription of `client_id`, or why not.
     fn client_place(&self, client_id: u64) -> Result<ClientPlace, Error> {
         let mut open = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
@@ -357,6 +363,7 @@ impl Feed {
                 d.sender_id == self.client_id && matches!(d.kind, Kind::Left | Kind::Failed);
             let seq = d.group_seq;
             permit.send((Ok(to_pb(d)), Some(bytes)));
+            crate::metrics::get().messages_delivered.inc();
             self.next = seq + 1;
             // The stream ends with this client's last leave; an old one replayed from before a
             // rejoin does not end it.

@@ -83,6 +83,7 @@ impl Sequencer for SequencerApi {
             .allocator
             .submit(AllocRequest { sequence, count: 1 })
             .await?;
+        crate::metrics::get().ids_issued.inc();
         Ok(Response::new(GetIdResponse {
             id: grant.first,
             served_by: wire_id(self.id),
@@ -102,6 +103,7 @@ impl Sequencer for SequencerApi {
             .allocator
             .submit(AllocRequest { sequence, count })
             .await?;
+        crate::metrics::get().ids_issued.inc_by(count);
         Ok(Response::new(GetIdsResponse {
             first: grant.first,
             count: req.count,

@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
     pub(super) host: String,
     pub(super) base_port: u16,
     pub(super) base_peer_port: u16,
+    pub(super) base_http_port: u16,
     pub(super) data_dir: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) nodes: Option<Vec<NodeConfig>>,
@@ -51,6 +52,7 @@ pub(super) struct RawConfig {
     pub(super) max_subscribers_per_client: u32,
     pub(super) disk_reserve_bytes: u64,
     pub(super) peer_addresses: String,
+    pub(super) log_format: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) cluster_secret: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,6 +75,7 @@ impl Default for RawConfig {
             host: "127.0.0.1".into(),
             base_port: 50051,
             base_peer_port: 51051,
+            base_http_port: 52051,
             data_dir: "data".into(),
             nodes: None,
             max_batch: 1_000_000,
@@ -104,6 +107,7 @@ impl Default for RawConfig {
             max_subscribers_per_client: 16,
             disk_reserve_bytes: 128 * 1024 * 1024,
             peer_addresses: "membership".into(),
+            log_format: "text".into(),
             cluster_secret: None,
             admin_token: None,
             tls_cert: None,

@@ -1,6 +1,7 @@
 //! Configuration: built-in defaults < config.json < `SEQUENCER_*` env < command-line flags.
 //!
-//! The file either uses the shorthand (`servers`, `host`, `base_port`, `base_peer_port`) or lists
+//! The file either uses the shorthand (`servers`, `host`, `base_port`, `base_peer_port`,
+//! `base_http_port`) or lists
 //! `nodes` explicitly for a multi-host deployment. [`Config::load`] (in `load.rs`) layers the
 //! sources; `validate.rs` checks them into one [`Config`] of small typed parts, durations as
 //! `Duration`s. Nothing deeper in the server reads files or the environment.
@@ -28,6 +29,10 @@ pub struct NodeConfig {
     pub addr: String,
     /// Where peers call this node (Raft and forwarding).
     pub peer_addr: String,
+    /// Where this node serves HTTP: the JSON API, /metrics, the probes and the status page.
+    /// Absent in a `nodes` entry: this node serves no HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
 }
 
 /// Overrides that come from command-line flags; `None` leaves the lower layers in force.
@@ -72,9 +77,21 @@ pub struct Config {
     pub entry: Entry,
     /// TLS on both listeners and between peers; `None`: plaintext.
     pub tls: Option<TlsFiles>,
+    /// How the node logs: human-readable lines, or one JSON object per line.
+    pub log_format: LogFormat,
     /// Threads of a node's async runtime; `None`: one per core, or, for nodes the launcher
     /// starts together on one host, the cores shared out among them.
     pub worker_threads: Option<usize>,
+}
+
+/// The shape of log lines (`log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people: one readable line per event.
+    #[default]
+    Text,
+    /// For log shippers: one JSON object per line.
+    Json,
 }
 
 /// Raft's timing and log compaction.

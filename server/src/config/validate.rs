@@ -76,28 +76,39 @@ impl RawConfig {
                         ),
                     );
                 }
-                if self.base_peer_port == 0 || last_port(self.base_peer_port) > 65535 {
-                    return err(
-                        "base_peer_port",
-                        format!(
-                            "{} leaves no room for {} servers",
-                            self.base_peer_port, self.servers
-                        ),
-                    );
+                for (key, base) in [
+                    ("base_peer_port", self.base_peer_port),
+                    ("base_http_port", self.base_http_port),
+                ] {
+                    if base == 0 || last_port(base) > 65535 {
+                        return err(
+                            key,
+                            format!("{base} leaves no room for {} servers", self.servers),
+                        );
+                    }
                 }
                 let ports = |base: u16| u32::from(base)..=last_port(base);
-                let (client, peer) = (ports(self.base_port), ports(self.base_peer_port));
-                if client.start() <= peer.end() && peer.start() <= client.end() {
-                    return err(
-                        "base_peer_port",
-                        format!(
-                            "peer ports {}..={} overlap the client ports {}..={} of base_port",
-                            peer.start(),
-                            peer.end(),
-                            client.start(),
-                            client.end()
-                        ),
-                    );
+                let ranges = [
+                    ("base_port", "client", ports(self.base_port)),
+                    ("base_peer_port", "peer", ports(self.base_peer_port)),
+                    ("base_http_port", "HTTP", ports(self.base_http_port)),
+                ];
+                for (i, (key, what, a)) in ranges.iter().enumerate() {
+                    for (other, other_what, b) in &ranges[..i] {
+                        if a.start() <= b.end() && b.start() <= a.end() {
+                            return err(
+                                key,
+                                format!(
+                                    "{what} ports {}..={} overlap the {other_what} ports \
+                                     {}..={} of {other}",
+                                    a.start(),
+                                    a.end(),
+                                    b.start(),
+                                    b.end()
+                                ),
+                            );
+                        }
+                    }
                 }
                 if let Err(why) = check_host(&self.host) {
                     return err("host", why);
@@ -111,6 +122,11 @@ impl RawConfig {
                             self.host,
                             u64::from(self.base_peer_port) + k - 1
                         ),
+                        http_addr: Some(format!(
+                            "{}:{}",
+                            self.host,
+                            u64::from(self.base_http_port) + k - 1
+                        )),
                     })
                     .collect()
             }
@@ -133,7 +149,11 @@ impl RawConfig {
                     format!("duplicate node id {}", n.id),
                 );
             }
-            for (key, addr) in [("addr", &n.addr), ("peer_addr", &n.peer_addr)] {
+            let http = n.http_addr.iter().map(|a| ("http_addr", a));
+            for (key, addr) in [("addr", &n.addr), ("peer_addr", &n.peer_addr)]
+                .into_iter()
+                .chain(http)
+            {
                 if let Err(why) = check_addr(addr) {
                     return err(&format!("nodes[{i}].{key}"), why);
                 }
@@ -384,6 +404,16 @@ impl RawConfig {
                     return err(
                         "peer_addresses",
                         format!("must be \"membership\" or \"config\", not {other:?}"),
+                    )
+                }
+            },
+            log_format: match self.log_format.as_str() {
+                "text" => super::LogFormat::Text,
+                "json" => super::LogFormat::Json,
+                other => {
+                    return err(
+                        "log_format",
+                        format!("must be \"text\" or \"json\", not {other:?}"),
                     )
                 }
             },

@@ -121,7 +121,7 @@ pub struct Membership {
     book: Book,
     transfer: Transfer,
     /// The change running now, named for whoever asks for a second one.
-    busy: Arc<Mutex<Option<String>>>,
+    busy: Arc<Mutex<Option<Holder>>>,
     /// How long a ping may take when counting who is reachable.
     ping_timeout: Duration,
     /// The applied state: which members have run.
@@ -129,7 +129,14 @@ pub struct Membership {
 }
 
 /// Releases the one-change-at-a-time slot.
-struct Busy(Arc<Mutex<Option<String>>>);
+struct Busy(Arc<Mutex<Option<Holder>>>);
+
+/// What holds the change slot.
+struct Holder {
+    what: String,
+    /// The primary's own upkeep (`tend`): short, so a call waits for it rather than fail.
+    upkeep: bool,
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -140,6 +147,8 @@ impl Drop for Busy {
 /// A learner counts as caught up within this many entries of the primary's last index: under
 /// load a few entries are always in flight.
 const CAUGHT_UP_LAG: u64 = 16;
+/// Longest a call waits for the primary's own upkeep to free the change slot.
+const UPKEEP_WAIT: Duration = Duration::from_secs(3);
 /// How often the primary looks for a change left half done or addresses missing.
 const TEND_EVERY: Duration = Duration::from_millis(300);
 /// How long finishing a half-done change may take.
@@ -174,7 +183,7 @@ impl Membership {
         if let Call::List = call {
             return Ok(Done::Members(self.listing()));
         }
-        let _busy = self.take_slot(call)?;
+        let _busy = self.take_slot(call, deadline).await?;
         let view = self.book.view();
         if view.joint {
             return Err(ChangeError::Precondition(
@@ -209,18 +218,32 @@ impl Membership {
         }
     }
 
-    fn take_slot(&self, call: &Call) -> Result<Busy, ChangeError> {
-        self.take_slot_for(call.describe())
+    /// The slot for `call`; behind the primary's own upkeep (writing the first membership's
+    /// addresses, say, right after a bootstrap) it waits its turn, up to [`UPKEEP_WAIT`].
+    async fn take_slot(&self, call: &Call, deadline: Instant) -> Result<Busy, ChangeError> {
+        let give_up = deadline.min(Instant::now() + UPKEEP_WAIT);
+        loop {
+            match self.take_slot_for(call.describe(), false) {
+                Err((_, true)) if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err((e, _)) => return Err(e),
+                Ok(busy) => return Ok(busy),
+            }
+        }
     }
 
-    fn take_slot_for(&self, what: String) -> Result<Busy, ChangeError> {
+    /// The slot, or why not and whether upkeep holds it.
+    fn take_slot_for(&self, what: String, upkeep: bool) -> Result<Busy, (ChangeError, bool)> {
         let mut slot = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(running) = slot.as_ref() {
-            return Err(ChangeError::Precondition(format!(
-                "another membership change is in progress: {running}"
-            )));
+            let e = ChangeError::Precondition(format!(
+                "another membership change is in progress: {}",
+                running.what
+            ));
+            return Err((e, running.upkeep));
         }
-        *slot = Some(what);
+        *slot = Some(Holder { what, upkeep });
         Ok(Busy(self.busy.clone()))
     }
 
@@ -253,7 +276,7 @@ impl Membership {
             }
             joint_seen = None;
             if view.members.values().any(|m| !m.has_addresses()) {
-                if let Ok(_busy) = self.take_slot_for("writing members' addresses".into()) {
+                if let Ok(_busy) = self.take_slot_for("writing members' addresses".into(), true) {
                     self.book.fill_addresses(&view).await;
                 }
             }
@@ -261,7 +284,7 @@ impl Membership {
     }
 
     async fn finish(&self, view: &View) {
-        let Ok(_busy) = self.take_slot_for("finishing a change left half done".into()) else {
+        let Ok(_busy) = self.take_slot_for("finishing a change left half done".into(), true) else {
             return;
         };
         if !view.voters.contains(&self.id) {

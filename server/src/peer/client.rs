@@ -41,6 +41,15 @@ pub struct PeerClient {
     secret: SecretHeader,
 }
 
+/// What a peer's ping says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub node: NodeId,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+}
+
 impl PeerClient {
     /// Sends `req` as `M` and decodes its reply, waiting at most `timeout`.
     pub async fn call<M: Unary>(
@@ -73,14 +82,20 @@ impl PeerClient {
         self.target
     }
 
-    /// Whether the peer answers at all within `timeout`.
-    pub async fn ping(&self, timeout: Duration) -> Result<NodeId, PeerError> {
+    /// Whether the peer answers at all within `timeout`, and how far it is.
+    pub async fn ping(&self, timeout: Duration) -> Result<Progress, PeerError> {
         let mut request = tonic::Request::new(PingRequest {});
         request.set_timeout(timeout);
         self.secret.stamp(request.metadata_mut());
         let mut grpc = self.grpc.clone();
         let resp = grpc.ping(request).await.map_err(|s| self.status_error(s))?;
-        Ok(NodeId::from(resp.into_inner().node_id))
+        let r = resp.into_inner();
+        Ok(Progress {
+            node: NodeId::from(r.node_id),
+            term: r.term,
+            commit_index: r.commit_index,
+            applied_index: r.applied_index,
+        })
     }
 
     /// A stream of AppendEntries to this peer, opened on its first message.

@@ -9,7 +9,7 @@ mod service;
 
 pub use auth::RequireSecret;
 
-pub use client::{AppendStream, PeerClient, PeerClients, PeerError};
+pub use client::{AppendStream, PeerClient, PeerClients, PeerError, Progress};
 pub(crate) use service::grpc_timeout;
 pub use service::PeerService;
 

@@ -236,7 +236,13 @@ impl Peer for PeerService {
 
     async fn ping(&self, _req: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         // Status counts a peer reachable by its ping: not one whose Raft has stopped.
-        if self.raft.metrics().borrow().running_state.is_err() {
+        let (stopped, term, applied) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            (m.running_state.is_err(), m.current_term, applied)
+        };
+        if stopped {
             return Err(Status::unavailable(format!(
                 "node {}: raft stopped",
                 self.id
@@ -244,6 +250,9 @@ impl Peer for PeerService {
         }
         Ok(Response::new(PingResponse {
             node_id: u32::try_from(self.id).unwrap_or(u32::MAX),
+            term,
+            commit_index: self.log.commit_index().get().unwrap_or(0),
+            applied_index: applied,
         }))
     }
 }

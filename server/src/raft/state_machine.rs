@@ -199,6 +199,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // take CPU in proportion to the state, so they run off the async workers (a node may
         // have only one).
         let read_state = |e: StoreError| e.into_raft(ErrorSubject::StateMachine, ErrorVerb::Read);
+        let started = std::time::Instant::now();
         let inner = self.inner.clone();
         let (applied, data) = tokio::task::spawn_blocking(move || {
             let applied = inner
@@ -226,6 +227,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         let StoredSnapshot { meta, data } =
             self.save_snapshot(StoredSnapshot { meta, data }).await?;
+        let metrics = crate::metrics::get();
+        metrics.snapshots_built.inc();
+        crate::metrics::observe(&metrics.snapshot_seconds, started.elapsed());
         tracing::info!(
             node = self.inner.node_id.load(Ordering::Relaxed),
             index = meta.last_log_id.map(|l| l.index),

@@ -67,6 +67,11 @@ impl Sequences {
         self.last.get(sequence).copied().unwrap_or(0)
     }
 
+    /// Ids handed out across every sequence.
+    pub fn issued_total(&self) -> u64 {
+        self.last.values().fold(0, |a, b| a.saturating_add(*b))
+    }
+
     /// How many sequences exist.
     pub fn len(&self) -> usize {
         self.last.len()

@@ -34,11 +34,17 @@ pub trait Plan: Send + Sync + 'static {
     type Split: Send + 'static;
     /// What the info log calls the requests.
     const WHAT: &'static str;
+    /// The `kind` label of this batcher's metrics.
+    const KIND: &'static str;
 
     /// The name a request is grouped by (a sequence, a group).
     fn key(req: &Self::Req) -> &str;
     /// The payload bytes a request adds to the entry.
     fn size(_req: &Self::Req) -> usize {
+        0
+    }
+    /// The ids a request asks for, for the batch-size metric (0: not an id request).
+    fn ids(_req: &Self::Req) -> u64 {
         0
     }
     /// The one command for the whole batch.
@@ -152,6 +158,15 @@ impl<P: Plan> Batcher<P> {
         })?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
+
+    /// The depth of this batcher's queue, read at each scrape; 0 once the batcher has stopped.
+    pub fn depth(&self) -> crate::metrics::scrape::Reading {
+        let tx = self.tx.downgrade();
+        std::sync::Arc::new(move || {
+            tx.upgrade()
+                .map_or(0, |tx| tx.max_capacity().saturating_sub(tx.capacity()))
+        })
+    }
 }
 
 async fn run<P: Plan>(
@@ -194,6 +209,7 @@ async fn run<P: Plan>(
         let apply_by = batch.iter().map(|p| p.deadline).max().unwrap_or(deadline);
         let (requests, waiters): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.req, p.reply)).unzip();
+        observe_batch::<P>(&requests);
         let (command, split) = plan.command(requests);
         match proposer.propose(command, deadline).await {
             Ok(committed) => {
@@ -239,6 +255,18 @@ async fn run<P: Plan>(
         while replies.try_join_next().is_some() {}
     }
     while replies.join_next().await.is_some() {}
+}
+
+/// The batch-size metrics of one entry.
+fn observe_batch<P: Plan>(requests: &[P::Req]) {
+    let m = crate::metrics::get();
+    m.batch_requests
+        .with_label_values(&[P::KIND])
+        .observe(requests.len() as f64);
+    let ids: u64 = requests.iter().map(P::ids).sum();
+    if ids > 0 {
+        m.batch_ids.observe(ids as f64);
+    }
 }
 
 fn answer<P: Plan>(

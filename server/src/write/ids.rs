@@ -32,9 +32,14 @@ impl Plan for AllocPlan {
     type Out = Grant;
     type Split = Slots;
     const WHAT: &'static str = "id requests";
+    const KIND: &'static str = "ids";
 
     fn key(req: &AllocRequest) -> &str {
         &req.sequence
+    }
+
+    fn ids(req: &AllocRequest) -> u64 {
+        req.count
     }
 
     fn command(&self, batch: Vec<AllocRequest>) -> (Command, Slots) {

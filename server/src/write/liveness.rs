@@ -115,6 +115,7 @@ impl Liveness {
         };
         self.router
             .on_primary(
+                "heartbeat",
                 deadline,
                 |deadline| async move { heartbeat_step(self.heartbeat_here(msg, deadline).await) },
                 |peer, wait| async move {

@@ -97,9 +97,11 @@ impl Router {
     }
 
     /// Runs `here(deadline)` if this node is primary, or `there(primary, wait)` against the
-    /// primary, until one of them is done or fails, or `deadline` passes.
+    /// primary, until one of them is done or fails, or `deadline` passes. `kind` labels the
+    /// forwards metric: what the call carries.
     pub async fn on_primary<T, H, HF, F, FF>(
         &self,
+        kind: &'static str,
         deadline: Instant,
         here: H,
         there: F,
@@ -122,6 +124,10 @@ impl Router {
                 Some(p) if p == self.id => here(deadline).await,
                 Some(p) => match self.peers.get(p) {
                     Some(peer) => {
+                        crate::metrics::get()
+                            .forwards
+                            .with_label_values(&[kind])
+                            .inc();
                         let wait = deadline
                             .saturating_duration_since(Instant::now())
                             .min(self.forward_cap);

@@ -85,6 +85,7 @@ impl Proposer {
         let command = &command;
         self.router
             .on_primary(
+                "command",
                 deadline,
                 |deadline| self.propose_here(command.clone(), deadline),
                 |peer, wait| async move {
@@ -151,6 +152,7 @@ impl Proposer {
         let index = self
             .router
             .on_primary(
+                "read_index",
                 deadline,
                 |deadline| async move {
                     match self.read_index_here(deadline).await {

@@ -18,6 +18,7 @@ impl Plan for SendPlan {
     type Out = Sent;
     type Split = usize;
     const WHAT: &'static str = "messages";
+    const KIND: &'static str = "sends";
 
     fn key(req: &SendRequest) -> &str {
         &req.group

@@ -127,7 +127,12 @@ impl Journal {
             return Ok(false);
         }
         self.file.write_all_at(&record, self.end as u64)?;
+        let fsync = std::time::Instant::now();
         self.file.sync_data()?;
+        crate::metrics::observe(
+            &crate::metrics::get().journal_fsync_seconds,
+            fsync.elapsed(),
+        );
         self.end += record.len();
         Ok(true)
     }

@@ -240,7 +240,9 @@ where
     let bytes = encode(&next).map_err(StoreError::codec("encoding the journal generation"))?;
     txn.open_table(META)?
         .insert(JOURNAL_GENERATION, bytes.as_slice())?;
+    let commit = std::time::Instant::now();
     txn.commit()?;
+    crate::metrics::observe(&crate::metrics::get().redb_commit_seconds, commit.elapsed());
     journal.restart(next);
     Ok(())
 }

@@ -108,6 +108,11 @@ impl SnapshotFile {
             return Ok(false);
         }
         let res = self.write(meta, data);
+        if res.is_ok() {
+            crate::metrics::get()
+                .snapshot_bytes
+                .set(i64::try_from(data.len()).unwrap_or(i64::MAX));
+        }
         self.saved.send_modify(|saved| match res {
             Ok(()) => saved.covers = last,
             Err(_) => saved.failed = saved.failed.max(last),

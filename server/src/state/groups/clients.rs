@@ -262,6 +262,19 @@ impl Groups {
             .is_some_and(|g| g.members.contains_key(&client_id))
     }
 
+    /// Registered clients and groups.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.clients.len(), self.groups.len())
+    }
+
+    /// Messages the groups that exist now have sequenced.
+    pub fn messages_total(&self) -> u64 {
+        self.groups
+            .values()
+            .map(|g| g.next_seq.saturating_sub(1))
+            .fold(0, u64::saturating_add)
+    }
+
     /// Every registered client id.
     pub fn client_ids(&self) -> Vec<u64> {
         self.clients.keys().copied().collect()
