@@ -417,6 +417,12 @@ impl Client {
         admin_rpc!(self, transfer_primary(req)).inspect(|resp| self.follow_primary(resp.to))
     }
 
+    /// A backup of the whole replicated state, streamed from the node that takes it (after a
+    /// read barrier through the primary); the last message carries the summary.
+    pub async fn backup(&self) -> Result<tonic::Streaming<pb::BackupChunk>, ClientError> {
+        admin_rpc!(self, backup(pb::BackupRequest {}))
+    }
+
     /// The policy of Admin calls: one attempt may take the whole deadline (the default RPC
     /// timeout would cut a learner's catching up short), which is [`ADMIN_DEADLINE`] unless
     /// [`Client::with_deadline`] set one.

@@ -5,6 +5,7 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
+mod backup;
 mod bench;
 mod certs;
 mod groups;
@@ -89,6 +90,12 @@ enum Cmd {
         /// The voter to hand it to; default: the most up-to-date one.
         #[arg(long, value_name = "ID")]
         to: Option<u32>,
+    },
+    /// Save a consistent copy of the whole replicated state into FILE (written whole or not at
+    /// all). Needs the admin token (see --admin-token).
+    Backup {
+        /// Where to write it; an existing file is replaced only once the new copy is whole.
+        file: PathBuf,
     },
     /// Print the client addresses of the config, one per line.
     Servers,
@@ -274,7 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if matches!(
         cli.command,
-        Cmd::Member { .. } | Cmd::TransferPrimary { .. }
+        Cmd::Member { .. } | Cmd::TransferPrimary { .. } | Cmd::Backup { .. }
     ) {
         let flag = cli.admin_token.as_ref().map(|s| s.0.as_str());
         let env = admin::token_from_env()?;
@@ -325,6 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status => print_status(&client.status().await?, cli.json),
         Cmd::Member { cmd } => admin::member(&client, cmd, cli.json).await?,
         Cmd::TransferPrimary { to } => admin::transfer_primary(&client, *to, cli.json).await?,
+        Cmd::Backup { file } => backup::save(&client, file, cli.json).await?,
         Cmd::Servers | Cmd::GenCerts { .. } | Cmd::Bench { .. } => {
             unreachable!("handled above")
         }

@@ -308,6 +308,15 @@ impl Admin for FakeAdmin {
             took_ms: 5,
         }))
     }
+    type BackupStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<sequencer_client::pb::BackupChunk, Status>>>;
+    async fn backup(
+        &self,
+        req: Request<sequencer_client::pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        self.note(&req);
+        Err(Status::unimplemented("this fake takes no backups"))
+    }
 }
 
 /// A grpc-timeout header's value, e.g. "119999875u", as a duration.

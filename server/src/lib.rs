@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub(crate) mod api;
+pub mod backup;
 pub(crate) mod bootstrap;
 pub mod config;
 pub(crate) mod disk;

@@ -24,14 +24,16 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Config file (default: ./config.json, or built-in defaults if it does not exist).
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Run only this node (for one node per host). Without it, every node starts here.
     #[arg(long)]
     node: Option<u64>,
     /// Overrides `data_dir`.
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Overrides `worker_threads`: threads of this node's async runtime.
     #[arg(long)]
@@ -52,6 +54,21 @@ struct Args {
 }
 
 /// The exit code of a bad config: the launcher does not restart a node that exits with it.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Build fresh data dirs for every node of the config from a backup (`client backup`),
+    /// then start the cluster as usual. Refuses if any of those data dirs exists.
+    Restore {
+        /// The backup file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Raise every sequence by N: at least the ids that may have been handed out since the
+        /// backup was taken, which no copy holds (0 only if none can have been).
+        #[arg(long, value_name = "N")]
+        skip_ahead: u64,
+    },
+}
+
 pub(crate) const CONFIG_ERROR: i32 = 2;
 
 fn main() -> ExitCode {
@@ -82,6 +99,9 @@ fn main() -> ExitCode {
     }
     // After the config, which says the format; nothing logs before it (errors go to stderr).
     init_tracing(config.log_format);
+    if let Some(Command::Restore { from, skip_ahead }) = &args.command {
+        return restore(&config, from, *skip_ahead);
+    }
     config.entry = match (&args.join, &args.rejoin) {
         (Some(via), _) => Entry::Join(via.clone()),
         (None, Some(via)) => Entry::Rejoin(via.clone()),
@@ -133,6 +153,50 @@ fn main() -> ExitCode {
 /// The config, or the exit code after saying why not. Peers must share a secret: with none
 /// configured, the launcher makes one up, kept in the data dir for its next start and for
 /// `server --node K` (Config::load reads it there), and loads again.
+/// `server restore`: prints each sequence's new floor, or one line saying why not.
+fn restore(config: &Config, from: &std::path::Path, skip_ahead: u64) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            say(format_args!("starting the runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sequencer_server::backup::restore::restore(
+        config, from, skip_ahead,
+    )) {
+        Ok(done) => {
+            let mut out = std::io::stdout().lock();
+            for (name, last, floor) in &done.floors {
+                let _ = writeln!(
+                    out,
+                    "sequence {name}: last id {last} in the backup; ids continue above {floor}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "restored log index {} with --skip-ahead {skip_ahead} into {} data dirs: {}; \
+                 start the cluster with `server`",
+                done.index,
+                done.dirs.len(),
+                done.dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(e);
+            ExitCode::from(CONFIG_ERROR as u8)
+        }
+    }
+}
+
 fn load_config(
     launcher: bool,
     path: &std::path::Path,

@@ -246,7 +246,8 @@ pub async fn run(
     });
     // Cancelled as soon as the node decides to stop: the probes fail from then on.
     let stopping = CancellationToken::new();
-    let http_task = listeners.http.map(|listener| {
+    // Spawned with the other listeners, once nothing more can fail.
+    let http = listeners.http.map(|listener| {
         let api = Arc::new(HttpApi {
             id,
             sequencer: sequencer_api.clone(),
@@ -276,16 +277,7 @@ pub async fn run(
             keepalive_interval: config.transport.http2_keepalive_interval,
             keepalive_timeout: config.transport.http2_keepalive_timeout,
         };
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(node = id, %addr, tls = serving.tls.is_some(), "serving HTTP");
-        }
-        tokio::spawn(crate::http::serve(
-            id,
-            listener,
-            crate::http::router(api),
-            serving,
-            stop_clients.clone(),
-        ))
+        (listener, crate::http::router(api), serving)
     });
     let small = SMALL_REQUEST_LIMIT;
     let client_server = server_builder(&config, tls.as_ref().map(|t| t.client_listener()))?
@@ -305,6 +297,8 @@ pub async fn run(
         .add_service(ClusterServer::from_arc(cluster_api.clone()).max_decoding_message_size(small))
         .add_service(
             AdminServer::new(AdminApi {
+                proposer: proposer.clone(),
+                reader: reader.clone(),
                 router,
                 membership: membership.clone(),
                 credentials: Credentials {
@@ -345,6 +339,13 @@ pub async fn run(
     // The servers hold the services now; the batchers end once the servers drop them.
     drop((sequencer_api, tracker_api, cluster_api));
     let client_task = tokio::spawn(client_server);
+    let http_task = http.map(|(listener, router, serving)| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(node = id, %addr, tls = serving.tls.is_some(), "serving HTTP");
+        }
+        let stop = stop_clients.clone();
+        tokio::spawn(crate::http::serve(id, listener, router, serving, stop))
+    });
     let peer_task = tokio::spawn(peer_server);
     // How a fresh node enters: only a unanimous first start bootstraps a cluster, and a
     // node joins one that exists only when asked to. A refusal stops the node.

@@ -484,30 +484,49 @@ async fn the_http_listener_speaks_http2_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_and_does_not_hold_a_place() {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cluster = Cluster::builder(SERVER)
         .nodes(1)
         .set("max_connections", 2)
-        .set("connection_preface_timeout_ms", 300)
+        .set("connection_preface_timeout_ms", 500)
         .start()
         .unwrap();
     cluster.wait_for_primary().await.unwrap();
     let addr = cluster.node(1).http_addr.clone();
-    // Two callers connect and say nothing: the cap is full until the node closes them.
-    let mut silent = Vec::new();
-    for _ in 0..2 {
-        silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
-    }
+    // One caller says nothing; another sends the start of the HTTP/2 preface and stalls,
+    // before hyper's own deadlines begin. Together they fill the cap.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled.write_all(b"PRI * HT").await.unwrap();
     let started = Instant::now();
-    for mut s in silent {
-        let mut buf = [0u8; 1];
+    // Only once the listener has taken both: a third is turned away while they hold the cap.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = get(&addr, "/healthz").await;
+        if answer.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the cap of 2 let a third connection in: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (what, s) in [("silent", &mut silent), ("stalled", &mut stalled)] {
+        let mut buf = [0u8; 64];
         let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
         assert!(
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-            "a silent connection was not closed: {read:?}"
+            "the {what} connection was not closed: {read:?}"
         );
     }
-    println!("silent connections closed after {:?}", started.elapsed());
-    // Their places are free again.
+    let took = started.elapsed();
+    println!("silent connections closed after {took:?}");
+    assert!(
+        took >= Duration::from_millis(400),
+        "closed before the deadline: {took:?}"
+    );
+    // Their places are free again, though this test still holds both sockets.
     assert_eq!(get(&addr, "/healthz").await.unwrap().status, 200);
+    drop((silent, stalled));
 }

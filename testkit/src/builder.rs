@@ -83,6 +83,16 @@ impl Builder {
 
     /// Writes config.json and starts every node. Does not wait for a primary.
     pub fn start(self) -> anyhow::Result<Cluster> {
+        let mut cluster = self.configure()?;
+        for id in cluster.ids() {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Writes config.json but starts no node, for tests that prepare the data dirs first (a
+    /// restore); [`Cluster::start_node`] starts each.
+    pub fn configure(self) -> anyhow::Result<Cluster> {
         // SEQTEST_KEEP=1 leaves every cluster's dir (node logs, data) behind for a post-mortem.
         let dir = tempfile::Builder::new()
             .prefix("seqtest")
@@ -137,7 +147,7 @@ impl Builder {
                 self.server_bin.display()
             );
         }
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             server_bin: self.server_bin,
             // Clients read the addresses from any of them.
             config_path: dir.path().join("config-1.json"),
@@ -151,9 +161,6 @@ impl Builder {
                 .map(String::from),
             dir,
         };
-        for id in cluster.ids() {
-            cluster.start_node(id)?;
-        }
         Ok(cluster)
     }
 }

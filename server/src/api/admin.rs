@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use sequencer_proto::v1::admin_server::Admin;
 use sequencer_proto::v1::{
-    AddMemberRequest, AdminListRequest, AdminListResponse, ClusterMember, MembershipResponse,
-    PromoteMemberRequest, RemoveMemberRequest, TransferPrimaryRequest, TransferPrimaryResponse,
+    AddMemberRequest, AdminListRequest, AdminListResponse, BackupChunk, BackupRequest,
+    BackupSummary, ClusterMember, MembershipResponse, PromoteMemberRequest, RemoveMemberRequest,
+    TransferPrimaryRequest, TransferPrimaryResponse,
 };
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -17,8 +18,10 @@ use crate::config::ClusterSecret;
 use crate::error::Error;
 use crate::membership::{Call, ChangeError, Done, Listing, Membership};
 use crate::peer::messages;
+use crate::raft::state_machine::StateReader;
 use crate::raft::{Member, NodeId};
 use crate::write::primary::{peer_error, Router, Step};
+use crate::write::proposer::Proposer;
 
 /// The header that carries the admin token.
 pub const ADMIN_TOKEN_HEADER: &str = "x-admin-token";
@@ -78,7 +81,16 @@ pub struct AdminApi {
     pub router: Router,
     pub membership: Membership,
     pub credentials: Credentials,
+    /// For backups: a read barrier, then this node's applied state.
+    pub proposer: Proposer,
+    pub reader: StateReader,
 }
+
+/// Bytes of a backup per streamed message.
+const BACKUP_CHUNK: usize = 256 * 1024;
+
+type BackupStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<BackupChunk, Status>> + Send>>;
 
 impl AdminApi {
     async fn call<T>(&self, req: &Request<T>, call: Call) -> Result<Done, Status> {
@@ -171,6 +183,34 @@ fn id_of(id: u32) -> NodeId {
 
 #[tonic::async_trait]
 impl Admin for AdminApi {
+    type BackupStream = BackupStream;
+
+    async fn backup(&self, req: Request<BackupRequest>) -> Result<Response<BackupStream>, Status> {
+        self.credentials.check(&req)?;
+        let id = self.router.id();
+        let taken = crate::backup::take::take(id, &self.proposer, &self.reader).await?;
+        let h = &taken.header;
+        let summary = BackupSummary {
+            index: h.index,
+            sequences: h.sequences,
+            groups: h.groups,
+            bytes: taken.bytes.len() as u64,
+            sha256: crate::backup::file::sha256_hex(&taken.bytes),
+            served_by: wire_id(id),
+            taken_at_ms: h.taken_at_ms,
+        };
+        let bytes = bytes::Bytes::from(taken.bytes);
+        let count = bytes.len().div_ceil(BACKUP_CHUNK).max(1);
+        let chunks = (0..count).map(move |i| {
+            let end = ((i + 1) * BACKUP_CHUNK).min(bytes.len());
+            Ok(BackupChunk {
+                data: bytes.slice(i * BACKUP_CHUNK..end).to_vec(),
+                summary: (i + 1 == count).then(|| summary.clone()),
+            })
+        });
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
     async fn list_members(
         &self,
         req: Request<AdminListRequest>,

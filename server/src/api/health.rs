@@ -73,6 +73,7 @@ async fn track(
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut known: Option<Option<NodeId>> = None;
+    let mut last_primary: Option<NodeId> = None;
     loop {
         let (leader, term, running) = {
             let m = metrics.borrow_and_update();
@@ -84,9 +85,11 @@ async fn track(
             return;
         }
         if known != Some(leader) {
-            // The first reading is where this node starts, not a change.
-            if known.is_some() {
+            // A change is a new primary, as etcd counts leader changes: losing one and
+            // electing the next is one change, not two.
+            if leader.is_some() && leader != last_primary {
                 crate::metrics::get().primary_changes.inc();
+                last_primary = leader;
             }
             match leader {
                 Some(p) if p == id => {

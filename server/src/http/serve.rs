@@ -126,20 +126,43 @@ pub async fn serve(
     connections.shutdown().await;
 }
 
-/// A connection that must send its first byte before a deadline. hyper's header timeout
-/// starts only with a request's first byte, so without this a caller that connects (or
-/// finishes a TLS handshake) and says nothing would hold its place under the cap forever.
+/// A connection that must show which HTTP it speaks before a deadline. hyper-util reads until
+/// it has the whole HTTP/2 preface or a byte that differs from it, and hyper's own header
+/// timeout and HTTP/2 pings start only after that, so without this a caller that connects (or
+/// finishes a TLS handshake) and sends nothing, or a few bytes of the preface, would hold its
+/// place under the cap forever.
 struct FirstByte<IO> {
     io: IO,
-    /// Until the first byte has come.
+    /// Until the version is told.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read so far, while they match the preface.
+    matched: usize,
 }
+
+/// What an HTTP/2 connection opens with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<IO> FirstByte<IO> {
     fn new(io: IO, within: Duration) -> Self {
         FirstByte {
             io,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
+            matched: 0,
+        }
+    }
+
+    /// Follows the bytes read until they tell HTTP/1 from HTTP/2.
+    fn saw(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            if H2_PREFACE.get(self.matched) != Some(b) {
+                self.deadline = None;
+                return;
+            }
+            self.matched += 1;
+            if self.matched == H2_PREFACE.len() {
+                self.deadline = None;
+                return;
+            }
         }
     }
 }
@@ -153,7 +176,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FirstByte<IO> {
         let before = buf.filled().len();
         match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                self.deadline = None;
+                if self.deadline.is_some() {
+                    let new = buf.filled()[before..].to_vec();
+                    self.saw(&new);
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {

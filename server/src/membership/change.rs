@@ -184,6 +184,10 @@ impl Membership {
             return Ok(Done::Members(self.listing()));
         }
         let _busy = self.take_slot(call, deadline).await?;
+        // The wait for the slot may have outlasted this node's term.
+        if self.raft.metrics().borrow().current_leader != Some(self.id) {
+            return Err(ChangeError::NotPrimary);
+        }
         let view = self.book.view();
         if view.joint {
             return Err(ChangeError::Precondition(

@@ -38,7 +38,7 @@ pub struct Metrics {
     pub batch_ids: Histogram,
     /// Calls passed to the primary on another node, by what they carried.
     pub forwards: IntCounterVec,
-    /// Times this node saw the primary change (to another node or to none).
+    /// Times this node saw a new primary (losing one and electing the next is one).
     pub primary_changes: IntCounter,
     /// Requests refused, by reason.
     pub refusals: IntCounterVec,
@@ -55,6 +55,9 @@ pub struct Metrics {
     pub(crate) applied_index: IntGauge,
     pub(crate) last_log_index: IntGauge,
     pub(crate) replication_lag: IntGaugeVec,
+    /// The members `replication_lag` has series for, so that a member gone is removed rather
+    /// than every series reset (a scrape running beside another would miss them).
+    pub(crate) lagging: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub(crate) queue_depth: IntGaugeVec,
     pub(crate) queue_capacity: IntGauge,
     pub(crate) subscribers: IntGauge,
@@ -178,7 +181,7 @@ impl Metrics {
             ),
             primary_changes: counter(
                 "sequencer_primary_changes_total",
-                "times this node saw the primary change",
+                "times this node saw a new primary",
             ),
             refusals: counters(
                 "sequencer_refusals_total",
@@ -240,6 +243,7 @@ impl Metrics {
                 )
                 .expect("metric"),
             ),
+            lagging: Default::default(),
             queue_depth: reg(
                 &registry,
                 IntGaugeVec::new(

@@ -41,17 +41,24 @@ impl Sources {
                 .set(to_i64(m.last_applied.map_or(0, |l| l.index)));
             let last = m.last_log_index.unwrap_or(0);
             g.last_log_index.set(to_i64(last));
-            // Only the primary knows: members that left drop out of the family.
-            g.replication_lag.reset();
+            // Only the primary knows; members that left drop out of the family.
+            let mut now = std::collections::BTreeSet::new();
             for (member, matched) in m.replication.iter().flatten() {
                 if *member == self.id {
                     continue;
                 }
                 let lag = last.saturating_sub(matched.map_or(0, |l| l.index));
+                let label = member.to_string();
                 g.replication_lag
-                    .with_label_values(&[member.to_string().as_str()])
+                    .with_label_values(&[label.as_str()])
                     .set(to_i64(lag));
+                now.insert(label);
             }
+            let mut lagging = g.lagging.lock().unwrap_or_else(|p| p.into_inner());
+            for gone in lagging.difference(&now) {
+                let _ = g.replication_lag.remove_label_values(&[gone.as_str()]);
+            }
+            *lagging = now;
         }
         g.commit_index.set(to_i64(self.commit.get().unwrap_or(0)));
         for (kind, depth) in &self.queues {

@@ -4,7 +4,7 @@
 //! comes from the counters here, updated only by applying a committed command.
 
 pub mod groups;
-mod sequences;
+pub mod sequences;
 
 /// Payload bytes as base64 in the JSON of log entries and snapshots (a third larger, where a
 /// JSON array of numbers would be three to four times).

@@ -31,6 +31,9 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// A sequence raised by a skip-ahead: its name, last id before, last id after.
+pub type Floor = (String, u64, u64);
+
 /// The last id handed out per sequence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sequences {
@@ -65,6 +68,20 @@ impl Sequences {
     /// The last id handed out, 0 if none.
     pub fn current(&self, sequence: &str) -> u64 {
         self.last.get(sequence).copied().unwrap_or(0)
+    }
+
+    /// Raises every sequence by `n` (a restore's skip-ahead): returns each one's name, last
+    /// id before and after, or the first one that would pass the largest id.
+    pub fn skip_ahead(&mut self, n: u64) -> Result<Vec<Floor>, (String, u64)> {
+        let mut floors = Vec::with_capacity(self.last.len());
+        for (name, last) in &self.last {
+            let raised = last.checked_add(n).ok_or_else(|| (name.clone(), *last))?;
+            floors.push((name.clone(), *last, raised));
+        }
+        for (name, _, raised) in &floors {
+            self.last.insert(name.clone(), *raised);
+        }
+        Ok(floors)
     }
 
     /// Ids handed out across every sequence.

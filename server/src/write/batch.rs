@@ -209,10 +209,11 @@ async fn run<P: Plan>(
         let apply_by = batch.iter().map(|p| p.deadline).max().unwrap_or(deadline);
         let (requests, waiters): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.req, p.reply)).unzip();
-        observe_batch::<P>(&requests);
+        let size = (requests.len(), requests.iter().map(P::ids).sum::<u64>());
         let (command, split) = plan.command(requests);
         match proposer.propose(command, deadline).await {
             Ok(committed) => {
+                observe_batch::<P>(size);
                 if committed.primary != proposer.id() {
                     tracing::debug!(
                         node = proposer.id(),
@@ -257,13 +258,12 @@ async fn run<P: Plan>(
     while replies.join_next().await.is_some() {}
 }
 
-/// The batch-size metrics of one entry.
-fn observe_batch<P: Plan>(requests: &[P::Req]) {
+/// The batch-size metrics of one committed entry: its requests and ids.
+fn observe_batch<P: Plan>((requests, ids): (usize, u64)) {
     let m = crate::metrics::get();
     m.batch_requests
         .with_label_values(&[P::KIND])
-        .observe(requests.len() as f64);
-    let ids: u64 = requests.iter().map(P::ids).sum();
+        .observe(requests as f64);
     if ids > 0 {
         m.batch_ids.observe(ids as f64);
     }
