@@ -52,8 +52,8 @@ fn temporary(path: &Path) -> anyhow::Result<PathBuf> {
 
 async fn write(client: &Client, path: &Path, tmp: &Path) -> anyhow::Result<pb::BackupSummary> {
     let mut stream = client.backup().await?;
-    let mut file =
-        std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // It holds every message and the clients' token hashes: the owner's only.
+    let mut file = private(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let (mut sum, mut bytes, mut summary) = (Sha256::new(), 0u64, None);
     while let Some(chunk) = stream.message().await.context("receiving the backup")? {
         sum.update(&chunk.data);
@@ -89,4 +89,15 @@ async fn write(client: &Client, path: &Path, tmp: &Path) -> anyhow::Result<pb::B
         .and_then(|d| d.sync_all())
         .with_context(|| format!("flushing {}", dir.display()))?;
     Ok(summary)
+}
+
+/// Creates (or empties) `path`, readable by this user only.
+pub fn private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }

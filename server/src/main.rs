@@ -51,6 +51,18 @@ struct Args {
     /// cluster at this address, then join again.
     #[arg(long, value_name = "HOST:PORT", requires = "node")]
     rejoin: Option<String>,
+    /// With --node K: make a one-node cluster of K from its data, when the rest of the
+    /// cluster is lost for good; refused while a quorum of the old members answers.
+    #[arg(
+        long,
+        requires_all = ["node", "skip_ahead"],
+        conflicts_with_all = ["join", "rejoin"]
+    )]
+    force_new_cluster: bool,
+    /// With --force-new-cluster: raise every sequence by N, at least the ids the lost nodes
+    /// may have acknowledged that this one never received.
+    #[arg(long, value_name = "N", requires = "force_new_cluster")]
+    skip_ahead: Option<u64>,
 }
 
 /// The exit code of a bad config: the launcher does not restart a node that exits with it.
@@ -101,6 +113,11 @@ fn main() -> ExitCode {
     init_tracing(config.log_format);
     if let Some(Command::Restore { from, skip_ahead }) = &args.command {
         return restore(&config, from, *skip_ahead);
+    }
+    if let (true, Some(id), Some(skip)) = (args.force_new_cluster, args.node, args.skip_ahead) {
+        if let Err(code) = force_new_cluster(&config, id, skip) {
+            return code;
+        }
     }
     config.entry = match (&args.join, &args.rejoin) {
         (Some(via), _) => Entry::Join(via.clone()),
@@ -153,6 +170,41 @@ fn main() -> ExitCode {
 /// The config, or the exit code after saying why not. Peers must share a secret: with none
 /// configured, the launcher makes one up, kept in the data dir for its next start and for
 /// `server --node K` (Config::load reads it there), and loads again.
+/// `--force-new-cluster`: prints each sequence's new floor, then the node starts as usual.
+fn force_new_cluster(config: &Config, id: u64, skip: u64) -> Result<(), ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            say(format_args!("starting the runtime: {e}"));
+            ExitCode::FAILURE
+        })?;
+    let forced = runtime
+        .block_on(sequencer_server::backup::recover::force_new_cluster(
+            config, id, skip,
+        ))
+        .map_err(|e| {
+            say(e);
+            ExitCode::from(CONFIG_ERROR as u8)
+        })?;
+    let mut out = std::io::stdout().lock();
+    for (name, last, floor) in &forced.floors {
+        let _ = writeln!(
+            out,
+            "sequence {name}: last id {last} on this node; ids continue above {floor}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "node {id} is now a one-node cluster at log index {} (the old data is kept in {}); \
+         add members back with `client member add`, and start this node without \
+         --force-new-cluster from now on",
+        forced.index,
+        forced.kept.display()
+    );
+    Ok(())
+}
+
 /// `server restore`: prints each sequence's new floor, or one line saying why not.
 fn restore(config: &Config, from: &std::path::Path, skip_ahead: u64) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()

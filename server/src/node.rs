@@ -186,6 +186,16 @@ pub async fn run(
             .run_detector(config.groups.limits, stop_peers.clone()),
     );
 
+    if let Some(schedule) = config.backups.clone() {
+        tasks.spawn(crate::backup::schedule::run(
+            id,
+            raft.clone(),
+            proposer.clone(),
+            reader.clone(),
+            schedule,
+            stop_clients.clone(),
+        ));
+    }
     // Stops with the client listener, so a stopping node starts no election.
     tasks.spawn(election.clone().run(stop_clients.clone()));
 

@@ -15,6 +15,8 @@ use crate::config::Config;
 use crate::raft::codec::encode;
 use crate::raft::store::{open_store, DataDir};
 use crate::raft::{LogId, Member, NodeId};
+use crate::state::sequences::Floor;
+use crate::state::State;
 
 /// What a restore did.
 #[derive(Debug)]
@@ -23,7 +25,7 @@ pub struct Restored {
     pub index: u64,
     /// Each sequence: the last id in the backup, and the last id the restored cluster counts
     /// as handed out (its next id is one above).
-    pub floors: Vec<crate::state::sequences::Floor>,
+    pub floors: Vec<Floor>,
     pub dirs: Vec<PathBuf>,
 }
 
@@ -36,14 +38,8 @@ pub enum RestoreError {
          move these aside or choose another data_dir)"
     )]
     Exists(String),
-    #[error(
-        "--skip-ahead {skip} would take sequence {sequence} (last id {last}) past the largest id"
-    )]
-    Exhausted {
-        sequence: String,
-        last: u64,
-        skip: u64,
-    },
+    #[error(transparent)]
+    SkipTooFar(#[from] SkipTooFar),
     #[error("writing {dir}: {why}")]
     Store { dir: String, why: String },
 }
@@ -70,17 +66,19 @@ pub async fn restore(
         return Err(RestoreError::Exists(taken.join(", ")));
     }
     let mut state = backup.state;
-    let floors = state
-        .sequences
-        .skip_ahead(skip_ahead)
-        .map_err(|(sequence, last)| RestoreError::Exhausted {
-            sequence,
-            last,
-            skip: skip_ahead,
-        })?;
-    // The new cluster's members announce themselves anew.
-    state.started.clear();
-    let meta = snapshot_meta(config, backup.header.index.max(1));
+    let floors = for_new_cluster(&mut state, skip_ahead)?;
+    let members: Vec<(NodeId, Member)> = config
+        .nodes
+        .iter()
+        .map(|n| {
+            let member = Member {
+                addr: n.addr.clone(),
+                peer_addr: n.peer_addr.clone(),
+            };
+            (n.id, member)
+        })
+        .collect();
+    let meta = snapshot_meta(&members, backup.header.index.max(1));
     let data = encode(&state).map_err(|e| RestoreError::Store {
         dir: "the state".into(),
         why: e.to_string(),
@@ -115,40 +113,56 @@ pub async fn restore(
     })
 }
 
+/// A skip-ahead that would take a sequence past the largest id.
+#[derive(Debug, thiserror::Error)]
+#[error("--skip-ahead {skip} would take sequence {sequence} (last id {last}) past the largest id")]
+pub struct SkipTooFar {
+    sequence: String,
+    last: u64,
+    skip: u64,
+}
+
+/// `state` made ready to start a new cluster: every sequence raised by `skip`, and the
+/// started set cleared (the new cluster's members announce themselves anew).
+pub(super) fn for_new_cluster(state: &mut State, skip: u64) -> Result<Vec<Floor>, SkipTooFar> {
+    let floors = state
+        .sequences
+        .skip_ahead(skip)
+        .map_err(|(sequence, last)| SkipTooFar {
+            sequence,
+            last,
+            skip,
+        })?;
+    state.started.clear();
+    Ok(floors)
+}
+
 /// Where `dir` is built before it takes its name.
-fn building(dir: &Path) -> PathBuf {
+pub(super) fn building(dir: &Path) -> PathBuf {
     let mut name = dir.as_os_str().to_owned();
     name.push(".restoring");
     PathBuf::from(name)
 }
 
-/// The snapshot every restored node starts from: at the backup's index, under term 0 (the
-/// new cluster's first election is term 1, so its entries follow this one), with the
-/// config's nodes as voters.
-fn snapshot_meta(config: &Config, index: u64) -> openraft::SnapshotMeta<NodeId, Member> {
-    let first = config.nodes.first().map_or(1, |n| n.id);
+/// The snapshot a new cluster's nodes start from: at `index`, under term 0 (the new cluster's
+/// first election is term 1, so its entries follow this one), with `members` as voters.
+pub(super) fn snapshot_meta(
+    members: &[(NodeId, Member)],
+    index: u64,
+) -> openraft::SnapshotMeta<NodeId, Member> {
+    let first = members.first().map_or(1, |(id, _)| *id);
     let last = LogId::new(CommittedLeaderId::new(0, first), index);
-    let voters: BTreeSet<NodeId> = config.nodes.iter().map(|n| n.id).collect();
-    let nodes: BTreeMap<NodeId, Member> = config
-        .nodes
-        .iter()
-        .map(|n| {
-            let member = Member {
-                addr: n.addr.clone(),
-                peer_addr: n.peer_addr.clone(),
-            };
-            (n.id, member)
-        })
-        .collect();
+    let voters: BTreeSet<NodeId> = members.iter().map(|(id, _)| *id).collect();
+    let nodes: BTreeMap<NodeId, Member> = members.iter().cloned().collect();
     openraft::SnapshotMeta {
         last_log_id: Some(last),
         last_membership: StoredMembership::new(Some(last), Membership::new(vec![voters], nodes)),
-        snapshot_id: format!("restore-{index}"),
+        snapshot_id: format!("new-cluster-{index}"),
     }
 }
 
 /// One node's data dir at `dir`, holding the snapshot and an empty log purged up to it.
-async fn seed(
+pub(super) async fn seed(
     id: NodeId,
     dir: &Path,
     meta: &openraft::SnapshotMeta<NodeId, Member>,

@@ -51,6 +51,10 @@ pub(super) struct RawConfig {
     pub(super) subscriber_buffer_bytes: u64,
     pub(super) max_subscribers_per_client: u32,
     pub(super) disk_reserve_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) backup_dir: Option<PathBuf>,
+    pub(super) backup_interval_s: u64,
+    pub(super) backup_keep: u32,
     pub(super) peer_addresses: String,
     pub(super) log_format: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,6 +110,9 @@ impl Default for RawConfig {
             subscriber_buffer_bytes: 4 * 1024 * 1024,
             max_subscribers_per_client: 16,
             disk_reserve_bytes: 128 * 1024 * 1024,
+            backup_dir: None,
+            backup_interval_s: 3600,
+            backup_keep: 24,
             peer_addresses: "membership".into(),
             log_format: "text".into(),
             cluster_secret: None,

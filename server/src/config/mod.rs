@@ -64,6 +64,8 @@ pub struct Config {
     /// Free bytes the data dir's file system must keep: below it, writes are refused, so
     /// that the vote and snapshot writes Raft needs still fit.
     pub disk_reserve_bytes: u64,
+    /// Scheduled backups, written by the primary; `None`: none.
+    pub backups: Option<BackupSchedule>,
     /// Where this node dials a member: at the addresses the Raft membership carries (the
     /// default), or first at its own config's entry for that id (`peer_addresses:
     /// "config"`: a host that reaches its peers by names or proxies of its own).
@@ -92,6 +94,14 @@ pub enum LogFormat {
     Text,
     /// For log shippers: one JSON object per line.
     Json,
+}
+
+/// Where and how often the primary writes a backup, and how many it keeps.
+#[derive(Debug, Clone)]
+pub struct BackupSchedule {
+    pub dir: PathBuf,
+    pub interval: Duration,
+    pub keep: usize,
 }
 
 /// Raft's timing and log compaction.

@@ -355,8 +355,25 @@ impl RawConfig {
                 data_dir: self.data_dir,
             });
         }
+        let backups = match self.backup_dir {
+            None => None,
+            Some(dir) => {
+                if !(1..=31_536_000).contains(&self.backup_interval_s) {
+                    return err("backup_interval_s", "must be 1..=31536000 (a year)".into());
+                }
+                if !(1..=10_000).contains(&self.backup_keep) {
+                    return err("backup_keep", "must be 1..=10000".into());
+                }
+                Some(super::BackupSchedule {
+                    dir,
+                    interval: Duration::from_secs(self.backup_interval_s),
+                    keep: self.backup_keep as usize,
+                })
+            }
+        };
         let ms = Duration::from_millis;
         Ok(Config {
+            backups,
             nodes,
             data_dir: self.data_dir,
             raft: RaftSettings {

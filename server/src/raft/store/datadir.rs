@@ -128,7 +128,7 @@ impl DataDir {
 }
 
 /// Creates (or empties) `path` for writing, readable by this user only.
-pub(super) fn create_private(path: &Path) -> std::io::Result<File> {
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
         .write(true)
         .create(true)
@@ -139,7 +139,7 @@ pub(super) fn create_private(path: &Path) -> std::io::Result<File> {
 
 /// Renames the synced file `tmp` to `name` in `dir` and syncs the dir, so the new file is
 /// there whole after a crash, or the old one is.
-pub(super) fn replace_durably(dir: &Path, tmp: &Path, name: &str) -> std::io::Result<()> {
+pub(crate) fn replace_durably(dir: &Path, tmp: &Path, name: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, dir.join(name))?;
     File::open(dir)?.sync_all()
 }
