@@ -65,7 +65,6 @@ struct Args {
     skip_ahead: Option<u64>,
 }
 
-/// The exit code of a bad config: the launcher does not restart a node that exits with it.
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Build fresh data dirs for every node of the config from a backup (`client backup`),
@@ -81,6 +80,7 @@ enum Command {
     },
 }
 
+/// The exit code of a bad config: the launcher does not restart a node that exits with it.
 pub(crate) const CONFIG_ERROR: i32 = 2;
 
 fn main() -> ExitCode {
@@ -167,9 +167,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The config, or the exit code after saying why not. Peers must share a secret: with none
-/// configured, the launcher makes one up, kept in the data dir for its next start and for
-/// `server --node K` (Config::load reads it there), and loads again.
 /// `--force-new-cluster`: prints each sequence's new floor, then the node starts as usual.
 fn force_new_cluster(config: &Config, id: u64, skip: u64) -> Result<(), ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -194,6 +191,11 @@ fn force_new_cluster(config: &Config, id: u64, skip: u64) -> Result<(), ExitCode
             "sequence {name}: last id {last} on this node; ids continue above {floor}"
         );
     }
+    let _ = writeln!(
+        out,
+        "a sequence this node does not hold starts above {}",
+        forced.floor
+    );
     let _ = writeln!(
         out,
         "node {id} is now a one-node cluster at log index {} (the old data is kept in {}); \
@@ -230,6 +232,11 @@ fn restore(config: &Config, from: &std::path::Path, skip_ahead: u64) -> ExitCode
             }
             let _ = writeln!(
                 out,
+                "a sequence the backup does not hold starts above {}",
+                done.floor
+            );
+            let _ = writeln!(
+                out,
                 "restored log index {} with --skip-ahead {skip_ahead} into {} data dirs: {}; \
                  start the cluster with `server`",
                 done.index,
@@ -249,6 +256,9 @@ fn restore(config: &Config, from: &std::path::Path, skip_ahead: u64) -> ExitCode
     }
 }
 
+/// The config, or the exit code after saying why not. Peers must share a secret: with none
+/// configured, the launcher makes one up, kept in the data dir for its next start and for
+/// `server --node K` (Config::load reads it there), and loads again.
 fn load_config(
     launcher: bool,
     path: &std::path::Path,

@@ -81,6 +81,7 @@ pub async fn run(
     let commit = log.commit_index();
     let journal = log.clone();
     let peers = PeerClients::new(&config, id, tls.as_ref())?;
+    peers.incarnation().follow(reader.clone());
     let bootstrap_peers = peers.clone();
 
     let raft = Raft::new(
@@ -340,7 +341,7 @@ pub async fn run(
             })
             .max_decoding_message_size(PEER_MESSAGE_LIMIT)
             .max_encoding_message_size(PEER_MESSAGE_LIMIT),
-            RequireSecret::new(config.cluster_secret.clone()),
+            RequireSecret::new(config.cluster_secret.clone(), peers.incarnation().clone()),
         ))
         .serve_with_incoming_shutdown(
             incoming(listeners.peer, "peer", &config),

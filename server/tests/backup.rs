@@ -141,6 +141,7 @@ async fn a_backup_under_load_restores_into_a_cluster_that_holds_it_and_never_rei
     let backup = file::read(&path).unwrap();
     assert_eq!(summary["index"], backup.header.index);
     assert_eq!(summary["sequences"], 2);
+    assert_eq!(backup.state.sequences.current("created-later"), 0);
     assert_eq!(summary["groups"], 1);
     assert_eq!(summary["bytes"], std::fs::metadata(&path).unwrap().len());
     let in_backup = |name: &str| backup.state.sequences.current(name);
@@ -177,6 +178,11 @@ async fn a_backup_under_load_restores_into_a_cluster_that_holds_it_and_never_rei
             "{name}"
         );
     }
+    assert!(printed.contains(&format!(
+        "a sequence the backup does not hold starts above {SKIP}"
+    )));
+    // A sequence first used after the backup may have handed out ids the copy never saw.
+    assert_eq!(fresh.get_id("created-later").await.unwrap().id, SKIP + 1);
     let next = fresh.get_id("a").await.unwrap().id;
     assert_eq!(next, in_backup("a") + SKIP + 1);
     assert!(
@@ -395,6 +401,30 @@ async fn the_primary_writes_scheduled_backups_and_keeps_the_newest() {
     assert!(left.iter().all(|n| !n.ends_with(".tmp")), "{left:?}");
 }
 
+/// A copy of `dir` in a temporary dir (under `data`).
+fn dir_copy(dir: &Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(dir)
+        .arg(copy.path().join("data"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    copy
+}
+
+/// Puts a copy made by [`dir_copy`] back at `dir`.
+fn copy_back(copy: &Path, dir: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(copy)
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
 /// Ids from `client` until `n` more are taken, each checked unseen in `seen`.
 async fn take_ids(client: &Client, n: usize, seen: &mut std::collections::HashSet<u64>) -> u64 {
     let mut last = 0;
@@ -442,9 +472,10 @@ async fn a_survivor_of_a_lost_majority_forms_a_new_cluster_that_never_reissues_a
         .iter()
         .all(|d| !d.to_string_lossy().contains("before-force")));
 
-    // The majority is lost for good.
+    // The majority is lost for good; a copy of node 3's data is kept, to bring it back later.
     cluster.kill(2);
     cluster.kill(3);
+    let old3 = dir_copy(&cluster.data_dir(3));
     cluster.wipe(2).unwrap();
     cluster.wipe(3).unwrap();
     cluster
@@ -467,6 +498,24 @@ async fn a_survivor_of_a_lost_majority_forms_a_new_cluster_that_never_reissues_a
     assert!(node_dirs(&config)
         .iter()
         .any(|d| d.to_string_lossy().contains("before-force")));
+
+    // Node 3 comes back with its old data: its campaigns reach node 1, which refuses them
+    // (another incarnation), keeps its term and goes on serving.
+    let term = alone.status().await.unwrap().term;
+    copy_back(&old3.path().join("data"), &cluster.data_dir(3));
+    cluster.start_node(3).unwrap();
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        take_ids(&alone, 5, &mut seen).await;
+    }
+    assert_eq!(
+        alone.status().await.unwrap().term,
+        term,
+        "node 3 disturbed node 1"
+    );
+    assert!(cluster.running().contains(&1), "{}", cluster.log(1));
+    cluster.kill(3);
+    cluster.wipe(3).unwrap();
 
     // Grown back to three by joins; every node hands out ids none has seen.
     let via = cluster.node(1).addr.clone();

@@ -25,6 +25,8 @@ const PING: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Forced {
     pub index: u64,
+    /// Where a sequence not in the state starts: above this.
+    pub floor: u64,
     pub floors: Vec<crate::state::sequences::Floor>,
     /// Where the old data now is.
     pub kept: PathBuf,
@@ -125,6 +127,7 @@ pub async fn force_new_cluster(
     );
     Ok(Forced {
         index,
+        floor: state.sequences.floor(),
         floors,
         kept,
     })

@@ -25,6 +25,8 @@ pub struct Restored {
     pub index: u64,
     /// Each sequence: the last id in the backup, and the last id the restored cluster counts
     /// as handed out (its next id is one above).
+    /// Where a sequence not in the state starts: above this.
+    pub floor: u64,
     pub floors: Vec<Floor>,
     pub dirs: Vec<PathBuf>,
 }
@@ -108,6 +110,7 @@ pub async fn restore(
     );
     Ok(Restored {
         index: backup.header.index,
+        floor: state.sequences.floor(),
         floors,
         dirs: dirs.into_iter().map(|(_, d)| d).collect(),
     })
@@ -134,6 +137,16 @@ pub(super) fn for_new_cluster(state: &mut State, skip: u64) -> Result<Vec<Floor>
             skip,
         })?;
     state.started.clear();
+    // Its nodes refuse the old cluster's, which may come back with their old data.
+    let mut id = [0u8; 16];
+    if getrandom::fill(&mut id).is_err() {
+        // It must differ from the old cluster's only: the time does.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        id = nanos.to_le_bytes();
+    }
+    state.incarnation = Some(id.iter().map(|b| format!("{b:02x}")).collect());
     Ok(floors)
 }
 

@@ -30,6 +30,8 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is at once: a node just started takes its first backup one interval on.
     tick.tick().await;
+    // What a crash mid-write left never took a backup's name; it goes now.
+    sweep(&schedule.dir);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -83,7 +85,11 @@ async fn write_one(
 
 /// `bytes` as `dir/name`: a temporary file, fsync, rename, fsync of the dir.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let tmp = dir.join(format!(".{name}.tmp"));
     // It holds every message and the clients' token hashes: the owner's only.
     let mut file = crate::raft::store::datadir::create_private(&tmp)?;
@@ -107,4 +113,17 @@ fn rotate(dir: &Path, keep: usize) -> std::io::Result<()> {
         std::fs::remove_file(dir.join(old))?;
     }
     Ok(())
+}
+
+/// Removes temporary files a crash left in `dir`.
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!(".{PREFIX}")) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }

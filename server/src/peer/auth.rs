@@ -5,22 +5,50 @@ use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use std::sync::{Arc, OnceLock};
+
 use crate::config::ClusterSecret;
 use crate::error::Error;
+use crate::raft::state_machine::StateReader;
 
 /// The header that carries the secret.
 pub const SECRET_HEADER: &str = "x-cluster-secret";
+/// The header that carries the cluster's incarnation (`State::incarnation`), when it has one.
+pub const INCARNATION_HEADER: &str = "x-cluster-incarnation";
+
+/// This node's incarnation, read from its applied state at each RPC; set once the state
+/// exists. Shared by every clone.
+#[derive(Clone, Default)]
+pub struct Incarnation(Arc<OnceLock<StateReader>>);
+
+impl Incarnation {
+    /// Reads the incarnation from `reader` from now on.
+    pub fn follow(&self, reader: StateReader) {
+        let _ = self.0.set(reader);
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0
+            .get()
+            .and_then(|r| r.read(|a| a.state.incarnation.clone()))
+    }
+}
 
 /// The peer listener's gate.
 #[derive(Clone)]
 pub struct RequireSecret {
     secret: Option<ClusterSecret>,
+    incarnation: Incarnation,
 }
 
 impl RequireSecret {
-    /// With no secret (a one-node cluster has no peers) every peer RPC is refused.
-    pub fn new(secret: Option<ClusterSecret>) -> Self {
-        Self { secret }
+    /// With no secret (a one-node cluster has no peers) every peer RPC is refused. A node
+    /// whose cluster was rebuilt (`incarnation`) also refuses callers of another one.
+    pub fn new(secret: Option<ClusterSecret>, incarnation: Incarnation) -> Self {
+        Self {
+            secret,
+            incarnation,
+        }
     }
 }
 
@@ -28,7 +56,16 @@ impl Interceptor for RequireSecret {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let presented = req.metadata().get(SECRET_HEADER).map(|v| v.as_bytes());
         let refusal = match (&self.secret, presented) {
-            (Some(secret), Some(p)) if secret.matches(p) => return Ok(req),
+            (Some(secret), Some(p)) if secret.matches(p) => match self.incarnation.get() {
+                Some(ours)
+                    if req.metadata().get(INCARNATION_HEADER).map(|v| v.as_bytes())
+                        != Some(ours.as_bytes()) =>
+                {
+                    "peer RPC from a node of another incarnation of this cluster (the cluster \
+                     was restored or forced anew; wipe that node and let it --join)"
+                }
+                _ => return Ok(req),
+            },
             (None, _) => "this node has no peers (no cluster_secret is configured)",
             (Some(_), None) => "peer RPC without the cluster secret",
             (Some(_), Some(_)) => "peer RPC with a wrong cluster secret",
@@ -38,12 +75,12 @@ impl Interceptor for RequireSecret {
     }
 }
 
-/// Adds the secret to outgoing peer calls.
+/// Adds the secret, and the incarnation if there is one, to outgoing peer calls.
 #[derive(Clone)]
-pub struct SecretHeader(Option<AsciiMetadataValue>);
+pub struct SecretHeader(Option<AsciiMetadataValue>, Incarnation);
 
 impl SecretHeader {
-    pub fn new(secret: Option<&ClusterSecret>) -> Result<Self, Error> {
+    pub fn new(secret: Option<&ClusterSecret>, incarnation: Incarnation) -> Result<Self, Error> {
         let value = secret
             .map(|s| {
                 s.expose()
@@ -51,12 +88,15 @@ impl SecretHeader {
                     .map_err(|_| Error::Internal("cluster_secret is not a valid header".into()))
             })
             .transpose()?;
-        Ok(Self(value))
+        Ok(Self(value, incarnation))
     }
 
     pub fn stamp(&self, metadata: &mut MetadataMap) {
         if let Some(v) = &self.0 {
             metadata.insert(SECRET_HEADER, v.clone());
+        }
+        if let Some(Ok(v)) = self.1.get().map(|i| i.parse::<AsciiMetadataValue>()) {
+            metadata.insert(INCARNATION_HEADER, v);
         }
     }
 }

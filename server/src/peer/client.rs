@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Streaming;
 
-use super::auth::SecretHeader;
+use super::auth::{Incarnation, SecretHeader};
 use super::messages::{Message, PeerRpc, Unary};
 use super::PEER_MESSAGE_LIMIT;
 use crate::config::Config;
@@ -191,6 +191,7 @@ impl AppendStream {
 pub struct PeerClients {
     clients: Arc<RwLock<HashMap<NodeId, PeerClient>>>,
     secret: SecretHeader,
+    incarnation: Incarnation,
     tls: Option<TlsMaterial>,
 }
 
@@ -202,9 +203,11 @@ impl PeerClients {
         self_id: NodeId,
         tls: Option<&TlsMaterial>,
     ) -> Result<Self, crate::error::Error> {
+        let incarnation = Incarnation::default();
         let peers = Self {
             clients: Arc::default(),
-            secret: SecretHeader::new(config.cluster_secret.as_ref())?,
+            secret: SecretHeader::new(config.cluster_secret.as_ref(), incarnation.clone())?,
+            incarnation,
             tls: tls.cloned(),
         };
         for n in config.nodes.iter().filter(|n| n.id != self_id) {
@@ -234,6 +237,11 @@ impl PeerClients {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, client);
         Ok(())
+    }
+
+    /// What every call carries of this node's incarnation; the node points it at its state.
+    pub fn incarnation(&self) -> &Incarnation {
+        &self.incarnation
     }
 
     /// Forgets peer `id`.
@@ -351,7 +359,7 @@ mod tests {
         PeerClient {
             target: 2,
             grpc: GrpcPeerClient::new(channel),
-            secret: SecretHeader::new(None).unwrap(),
+            secret: SecretHeader::new(None, Incarnation::default()).unwrap(),
         }
     }
 

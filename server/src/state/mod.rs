@@ -160,6 +160,11 @@ pub struct State {
     /// is refused; a member that never started (a first start's late node) is not.
     #[serde(default)]
     pub started: std::collections::BTreeSet<u64>,
+    /// Made anew by each restore and forced new cluster: every peer RPC carries it, so nodes
+    /// of the cluster it was built from, with their old data, are refused. `None` for a
+    /// cluster that was never rebuilt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 impl State {

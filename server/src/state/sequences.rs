@@ -38,6 +38,14 @@ pub type Floor = (String, u64, u64);
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sequences {
     last: BTreeMap<String, u64>,
+    /// The last id of every sequence not listed: raised by each restore's skip-ahead, since a
+    /// sequence first used after the backup was taken may have handed out that many already.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    floor: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Sequences {
@@ -54,7 +62,7 @@ impl Sequences {
             None if self.last.len() >= max_sequences as usize => {
                 return Err(Rejected::TooManySequences { max: max_sequences })
             }
-            None => 0,
+            None => self.floor,
         };
         let new_last = last
             .checked_add(req.count)
@@ -65,9 +73,14 @@ impl Sequences {
         Ok(last + 1)
     }
 
-    /// The last id handed out, 0 if none.
+    /// The last id handed out (or skipped), 0 if none.
     pub fn current(&self, sequence: &str) -> u64 {
-        self.last.get(sequence).copied().unwrap_or(0)
+        self.last.get(sequence).copied().unwrap_or(self.floor)
+    }
+
+    /// The last id a sequence not yet used counts as handed out.
+    pub fn floor(&self) -> u64 {
+        self.floor
     }
 
     /// Raises every sequence by `n` (a restore's skip-ahead): returns each one's name, last
@@ -78,9 +91,14 @@ impl Sequences {
             let raised = last.checked_add(n).ok_or_else(|| (name.clone(), *last))?;
             floors.push((name.clone(), *last, raised));
         }
+        let floor = self
+            .floor
+            .checked_add(n)
+            .ok_or_else(|| ("(sequences not used yet)".to_string(), self.floor))?;
         for (name, _, raised) in &floors {
             self.last.insert(name.clone(), *raised);
         }
+        self.floor = floor;
         Ok(floors)
     }
 
@@ -103,6 +121,21 @@ impl Sequences {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skip_ahead_raises_sequences_used_and_not_yet_used() {
+        let mut s = Sequences::default();
+        s.allocate(&req("a", 5), 10).unwrap();
+        let floors = s.skip_ahead(100).unwrap();
+        assert_eq!(floors, vec![("a".to_string(), 5, 105)]);
+        assert_eq!(s.allocate(&req("a", 1), 10).unwrap(), 106);
+        // A sequence the backup never saw may have been used since: it starts above 100 too.
+        assert_eq!(s.current("b"), 100);
+        assert_eq!(s.allocate(&req("b", 1), 10).unwrap(), 101);
+        // A state without a floor reads and writes as before.
+        let plain = serde_json::to_string(&Sequences::default()).unwrap();
+        assert_eq!(plain, r#"{"last":{}}"#);
+    }
 
     fn req(sequence: &str, count: u64) -> AllocRequest {
         AllocRequest::new(sequence, count)
