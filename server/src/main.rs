@@ -169,33 +169,10 @@ fn main() -> ExitCode {
 
 /// `--force-new-cluster`: prints each sequence's new floor, then the node starts as usual.
 fn force_new_cluster(config: &Config, id: u64, skip: u64) -> Result<(), ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            say(format_args!("starting the runtime: {e}"));
-            ExitCode::FAILURE
-        })?;
-    let forced = runtime
-        .block_on(sequencer_server::backup::recover::force_new_cluster(
-            config, id, skip,
-        ))
-        .map_err(|e| {
-            say(e);
-            ExitCode::from(CONFIG_ERROR as u8)
-        })?;
+    use sequencer_server::backup::recover;
+    let forced = offline(recover::force_new_cluster(config, id, skip))?;
     let mut out = std::io::stdout().lock();
-    for (name, last, floor) in &forced.floors {
-        let _ = writeln!(
-            out,
-            "sequence {name}: last id {last} on this node; ids continue above {floor}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "a sequence this node does not hold starts above {}",
-        forced.floor
-    );
+    print_floors(&mut out, &forced.floors, forced.floor, "this node");
     let _ = writeln!(
         out,
         "node {id} is now a one-node cluster at log index {} (the old data is kept in {}); \
@@ -209,51 +186,55 @@ fn force_new_cluster(config: &Config, id: u64, skip: u64) -> Result<(), ExitCode
 
 /// `server restore`: prints each sequence's new floor, or one line saying why not.
 fn restore(config: &Config, from: &std::path::Path, skip_ahead: u64) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    use sequencer_server::backup::restore;
+    let done = match offline(restore::restore(config, from, skip_ahead)) {
+        Ok(done) => done,
+        Err(code) => return code,
+    };
+    let mut out = std::io::stdout().lock();
+    print_floors(&mut out, &done.floors, done.floor, "the backup");
+    let dirs: Vec<String> = done.dirs.iter().map(|d| d.display().to_string()).collect();
+    let _ = writeln!(
+        out,
+        "restored log index {} with --skip-ahead {skip_ahead} into {} data dirs: {}; start \
+         the cluster with `server`",
+        done.index,
+        dirs.len(),
+        dirs.join(", ")
+    );
+    ExitCode::SUCCESS
+}
+
+/// Runs a step on stopped data to its end on a runtime of its own; a failure is said in one
+/// line and exits as a bad config does (the launcher does not retry it).
+fn offline<T, E: Display>(
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             say(format_args!("starting the runtime: {e}"));
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(sequencer_server::backup::restore::restore(
-        config, from, skip_ahead,
-    )) {
-        Ok(done) => {
-            let mut out = std::io::stdout().lock();
-            for (name, last, floor) in &done.floors {
-                let _ = writeln!(
-                    out,
-                    "sequence {name}: last id {last} in the backup; ids continue above {floor}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "a sequence the backup does not hold starts above {}",
-                done.floor
-            );
-            let _ = writeln!(
-                out,
-                "restored log index {} with --skip-ahead {skip_ahead} into {} data dirs: {}; \
-                 start the cluster with `server`",
-                done.index,
-                done.dirs.len(),
-                done.dirs
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            say(e);
-            ExitCode::from(CONFIG_ERROR as u8)
-        }
+            ExitCode::FAILURE
+        })?;
+    runtime.block_on(step).map_err(|e| {
+        say(e);
+        ExitCode::from(CONFIG_ERROR as u8)
+    })
+}
+
+/// Each sequence's floor after a skip-ahead, and where sequences `held_by` lacks start.
+fn print_floors(out: &mut impl Write, floors: &[(String, u64, u64)], floor: u64, held_by: &str) {
+    for (name, last, raised) in floors {
+        let _ = writeln!(
+            out,
+            "sequence {name}: last id {last} in {held_by}; ids continue above {raised}"
+        );
     }
+    let _ = writeln!(
+        out,
+        "a sequence {held_by} does not hold starts above {floor}"
+    );
 }
 
 /// The config, or the exit code after saying why not. Peers must share a secret: with none

@@ -13,9 +13,7 @@ use std::time::Duration;
 use sequencer_client::Identity;
 use serde_json::Value;
 use testkit::Cluster;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{sleep, Instant};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_server");
 
@@ -37,103 +35,33 @@ const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
 
-/// One HTTP response.
+/// One HTTP response, as testkit's client reads it, with a JSON body that must parse.
 #[derive(Debug)]
-struct Reply {
-    status: u16,
-    /// Header names in lowercase.
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+struct Reply(testkit::http::Answer);
+
+impl std::ops::Deref for Reply {
+    type Target = testkit::http::Answer;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Reply {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.0.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
+        self.0.json().unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
 /// Sends `method path` (path with query) to `addr` with an empty body and reads the whole
 /// response.
-async fn request(addr: &str, method: &str, path: &str) -> std::io::Result<Reply> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n\
-             Content-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(head.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        parse_reply(&raw)
-    };
-    timeout(Duration::from_secs(15), exchange)
+async fn request(addr: &str, method: &str, path: &str) -> anyhow::Result<Reply> {
+    testkit::http::request(method, addr, path, None)
         .await
-        .map_err(|_| std::io::Error::other(format!("{method} {path}: no response in 15 s")))?
-}
-
-fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
-    let bad = |what: &str| std::io::Error::other(format!("bad HTTP response ({what})"));
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of head"))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("head not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    if chunked {
-        body = dechunk(&body).ok_or_else(|| bad("chunked body"))?;
-    } else if let Some((_, len)) = headers.iter().find(|(n, _)| n == "content-length") {
-        let len: usize = len.parse().map_err(|_| bad("content-length"))?;
-        body.truncate(len);
-    }
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = raw.windows(2).position(|w| w == b"\r\n")?;
-        let size = std::str::from_utf8(&raw[..eol]).ok()?;
-        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        raw = &raw[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(raw.get(..size)?);
-        raw = raw.get(size + 2..)?;
-    }
+        .map(Reply)
 }
 
 /// A 1-node cluster with the given `max_sequences`, once its HTTP face reports ready.

@@ -26,7 +26,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use sequencer_client::Identity;
 use serde_json::{json, Value};
 use testkit::Cluster;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
 
@@ -318,41 +317,10 @@ async fn text(browser: &Browser, css: &str) -> anyhow::Result<String> {
     Ok(v.as_str().unwrap_or_default().to_string())
 }
 
-/// One HTTP/1.1 GET on loopback: (status, body), or None when nothing answered within 2 s.
-/// The body ends at its Content-Length (chromedriver keeps the connection open), else at EOF.
+/// One GET on loopback: (status, body), or None when nothing answered.
 async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(req.as_bytes()).await.ok()?;
-        let mut raw = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            let n = stream.read(&mut chunk).await.ok()?;
-            raw.extend_from_slice(&chunk[..n]);
-            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-                let length = head.lines().find_map(|l| {
-                    l.strip_prefix("content-length:")
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                });
-                if length.is_some_and(|len| raw.len() >= end + 4 + len) {
-                    break;
-                }
-            }
-            if n == 0 {
-                break;
-            }
-        }
-        let raw = String::from_utf8_lossy(&raw);
-        let status = raw.split_whitespace().nth(1)?.parse().ok()?;
-        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Some((status, body.to_string()))
-    };
-    timeout(Duration::from_secs(2), exchange)
-        .await
-        .ok()
-        .flatten()
+    let answer = timeout(Duration::from_secs(2), testkit::http::get(addr, path)).await;
+    answer.ok()?.ok().map(|a| (a.status, a.text()))
 }
 
 /// The browser and its driver, found on PATH.

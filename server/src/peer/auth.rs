@@ -16,21 +16,37 @@ pub const SECRET_HEADER: &str = "x-cluster-secret";
 /// The header that carries the cluster's incarnation (`State::incarnation`), when it has one.
 pub const INCARNATION_HEADER: &str = "x-cluster-incarnation";
 
-/// This node's incarnation, read from its applied state at each RPC; set once the state
-/// exists. Shared by every clone.
+/// This node's incarnation, from its applied state. Shared by every clone.
 #[derive(Clone, Default)]
-pub struct Incarnation(Arc<OnceLock<StateReader>>);
+pub struct Incarnation(Arc<IncarnationInner>);
+
+#[derive(Default)]
+struct IncarnationInner {
+    reader: OnceLock<StateReader>,
+    /// Once the state has one it never changes (only a restore or a force, on a stopped
+    /// node, makes one), so the peer RPCs of the hot path read it here, not under the
+    /// state's lock.
+    known: OnceLock<AsciiMetadataValue>,
+}
 
 impl Incarnation {
     /// Reads the incarnation from `reader` from now on.
     pub fn follow(&self, reader: StateReader) {
-        let _ = self.0.set(reader);
+        let _ = self.0.reader.set(reader);
     }
 
-    fn get(&self) -> Option<String> {
-        self.0
-            .get()
-            .and_then(|r| r.read(|a| a.state.incarnation.clone()))
+    fn get(&self) -> Option<&AsciiMetadataValue> {
+        if let Some(v) = self.0.known.get() {
+            return Some(v);
+        }
+        let value = self
+            .0
+            .reader
+            .get()?
+            .read(|a| a.state.incarnation.clone())?
+            .parse()
+            .ok()?;
+        Some(self.0.known.get_or_init(|| value))
     }
 }
 
@@ -95,8 +111,8 @@ impl SecretHeader {
         if let Some(v) = &self.0 {
             metadata.insert(SECRET_HEADER, v.clone());
         }
-        if let Some(Ok(v)) = self.1.get().map(|i| i.parse::<AsciiMetadataValue>()) {
-            metadata.insert(INCARNATION_HEADER, v);
+        if let Some(v) = self.1.get() {
+            metadata.insert(INCARNATION_HEADER, v.clone());
         }
     }
 }
